@@ -1,0 +1,5 @@
+"""Allow `python -m filterd`."""
+
+from filterd.cli import main
+
+main()

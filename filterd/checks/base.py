@@ -1,0 +1,67 @@
+"""The contract every check module follows.
+
+A check module ``filterd/checks/<name>.py`` defines:
+
+- ``SECTION``: the rules/filterd.toml section it reads (e.g. ``"clamav"``);
+- ``Config``: a ``filterd.settings.Section`` subclass for that section;
+- ``build(config, services) -> Check``: creates the check with its own
+  long-lived clients (built once per configuration load, closed by ``close``).
+
+The returned object implements ``check_recipient`` (RCPT phase), or
+``check_message`` (end of message), or both, and returns findings. It never
+chooses the SMTP outcome itself: that is ``filterd.policy``'s job. A check that
+cannot do its work raises; the pipeline turns the exception or a timeout into a
+``<NAME>_FAIL`` finding whose effect follows ``on_failure``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+from filterd.types import Envelope, Finding, Message
+
+if TYPE_CHECKING:
+    import redis
+
+    from filterd.settings import Settings
+
+OnFailure = Literal["tempfail", "accept"]
+
+
+@dataclass
+class Services:
+    """Clients shared by several checks, built once per configuration load."""
+
+    settings: Settings
+    redis: redis.Redis | None = None
+
+
+@runtime_checkable
+class Check(Protocol):
+    """What every check has. ``bypassable``: an allowlist exemption skips it."""
+
+    name: str
+    bypassable: bool
+    on_failure: OnFailure
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class RecipientCheck(Check, Protocol):
+    def check_recipient(self, envelope: Envelope, recipient: str) -> Sequence[Finding]: ...
+
+
+@runtime_checkable
+class MessageCheck(Check, Protocol):
+    """``gate`` checks run first, in order, before the others run concurrently.
+
+    Allowlist verification is a gate: whether the exemption holds decides
+    whether the bypassable checks need to run at all.
+    """
+
+    gate: bool
+
+    def check_message(self, message: Message, exempt: bool) -> Sequence[Finding]: ...

@@ -1,0 +1,178 @@
+"""`filterd serve`: process lifecycle around the milter.
+
+Owns what no single connection should: private services when none are
+configured, the Runtime swap on SIGHUP, and the drain on SIGTERM. libmilter
+blocks and consumes SIGHUP/SIGTERM in the thread that runs it, so the milter
+runs in a worker thread and the main thread keeps Python's signal handlers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import FrameType
+
+import Milter
+import milter as libmilter
+
+from filterd import milter as adapter
+from filterd.addresses import parse_milter_socket
+from filterd.runtime import Runtime
+from filterd.settings import Settings, load_settings
+
+log = logging.getLogger("filterd.daemon")
+
+SYSTEM_CLAMAV_DB = Path("/var/lib/clamav")
+
+
+def _has_signatures(directory: Path) -> bool:
+    return directory.is_dir() and any(p.suffix in (".cvd", ".cld") for p in directory.iterdir())
+
+
+@contextlib.contextmanager
+def private_services(settings: Settings) -> Iterator[dict[str, str]]:
+    """Start Redis/clamd for the daemon when no address is configured.
+
+    Yields the FILTERD_* overrides that point the settings at them. Redis keeps
+    its data (append-only file) under state_dir so allowlists survive restarts;
+    clamd uses the system's freshclam database when there is one, else the
+    project's own signatures.
+    """
+    from filterd.devservers import ClamdServer, RedisServer
+
+    state = settings.resolve_path(settings.daemon.state_dir)
+    overrides: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        if not settings.redis.url:
+            (state / "redis").mkdir(parents=True, exist_ok=True)
+            redis_server = stack.enter_context(
+                RedisServer(state / "redis", persistent=True, unix_socket=True)
+            )
+            overrides["FILTERD_REDIS_URL"] = redis_server.url
+            log.info("started private redis", extra={"url": redis_server.url})
+        needs_clamd = "antivirus" in settings.pipeline.message_checks
+        if needs_clamd and not settings.section("clamav").address:
+            db = (
+                SYSTEM_CLAMAV_DB
+                if _has_signatures(SYSTEM_CLAMAV_DB)
+                else settings.resolve_path("rules/clamav-sigs")
+            )
+            (state / "clamd").mkdir(parents=True, exist_ok=True)
+            clamd = stack.enter_context(ClamdServer(state / "clamd", db, unix_socket=True))
+            overrides["FILTERD_CLAMAV_ADDRESS"] = clamd.address
+            log.info("started private clamd", extra={"address": clamd.address, "db": str(db)})
+        yield overrides
+
+
+class Daemon:
+    def __init__(self, config: Path | None, env: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.env = dict(os.environ if env is None else env)
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+
+    def load(self) -> Settings:
+        return load_settings(self.config, self.env)
+
+    def run(self) -> int:
+        first = self.load()
+        with private_services(first) as overrides:
+            self.env.update(overrides)
+            settings = self.load()
+            runtime = Runtime(settings)
+            _selftest(runtime)
+            holder = adapter.RuntimeHolder(runtime)
+            adapter.HOLDER = holder
+            signal.signal(signal.SIGHUP, self._on_hup)
+            signal.signal(signal.SIGTERM, self._on_term)
+            signal.signal(signal.SIGINT, self._on_term)
+            thread = threading.Thread(
+                target=self._serve, args=(settings,), name="milter", daemon=True
+            )
+            thread.start()
+            while not self._stop.is_set():
+                self._reload.wait(0.5)
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self._do_reload(holder)
+                if not thread.is_alive():
+                    log.error("milter thread ended unexpectedly")
+                    return 1
+            return self._drain(holder, settings.milter.drain_seconds)
+
+    def _serve(self, settings: Settings) -> None:
+        address = parse_milter_socket(settings.milter.socket)
+        if address.is_unix:
+            Path(address.path).parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(address.path)
+            mode = int(settings.milter.socket_mode, 8)
+            threading.Thread(target=_chmod_socket, args=(address.path, mode), daemon=True).start()
+        Milter.factory = adapter.FilterdMilter
+        Milter.set_flags(Milter.ADDHDRS)
+        log.info("milter listening", extra={"socket": settings.milter.socket})
+        try:
+            Milter.runmilter("filterd", settings.milter.socket, settings.milter.timeout)
+        except Exception:
+            log.exception("milter stopped with an error")
+        log.info("milter listener stopped")
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self._reload.set()
+
+    def _on_term(self, signum: int, frame: FrameType | None) -> None:
+        self._stop.set()
+        self._reload.set()
+
+    def _do_reload(self, holder: adapter.RuntimeHolder) -> None:
+        if self._stop.is_set():
+            return
+        try:
+            runtime = Runtime(self.load())
+        except Exception as exc:  # noqa: BLE001 - keep serving with the old rules
+            log.error("reload failed; keeping the running configuration: %s", exc)
+            return
+        _selftest(runtime)
+        holder.swap(runtime).retire()
+        log.info("configuration reloaded")
+
+    def _drain(self, holder: adapter.RuntimeHolder, seconds: float) -> int:
+        log.info("stopping: draining in-flight messages", extra={"in_flight": holder.in_flight})
+        libmilter.stop()
+        deadline = time.monotonic() + seconds
+        while holder.in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if holder.in_flight:
+            log.warning("drain timed out", extra={"in_flight": holder.in_flight})
+        holder.current.retire()
+        log.info("stopped")
+        return 0
+
+
+def _chmod_socket(path: str, mode: int) -> None:
+    """libmilter creates the socket with the process umask; Postfix needs write access."""
+    deadline = time.monotonic() + 10
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with contextlib.suppress(OSError):
+        os.chmod(path, mode)
+
+
+def _selftest(runtime: Runtime) -> None:
+    """Checks may offer ``selftest() -> list[str]``; problems are logged, not fatal."""
+    for check in runtime.pipeline.checks.values():
+        test = getattr(check, "selftest", None)
+        if test is None:
+            continue
+        try:
+            problems = test()
+        except Exception as exc:  # noqa: BLE001
+            problems = [f"selftest failed: {exc}"]
+        for problem in problems:
+            log.warning("check self-test: %s", problem, extra={"check": check.name})

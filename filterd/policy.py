@@ -1,0 +1,134 @@
+"""The single place where findings become an SMTP outcome.
+
+Pure functions, no I/O: given findings and the [policy] thresholds they return
+a RecipientDecision (RCPT time) or a Decision (end of message). Precedence, in
+order, is the whole policy:
+
+1. non-bypassable REJECT (virus, banned type) refuses — no allowlist helps;
+2. TEMPFAIL (a dependency failed and fails closed) defers: 4xx, nothing lost;
+3. an allowlist exemption (EXEMPT, not cancelled by UNEXEMPT) drops every
+   bypassable finding;
+4. a bypassable REJECT (classifier spam verdict) refuses;
+5. the sum of scores >= reject_score refuses with the reply of the finding that
+   contributed most; >= tag_score accepts with X-Spam-Flag;
+6. otherwise accept.
+
+Transactions are split by exemption class: a recipient whose class differs
+from the first accepted recipient's is deferred with 452 4.5.3, so that every
+recipient gets the content decision its own list implies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from filterd.settings import MilterConfig, PolicyConfig
+from filterd.types import (
+    Action,
+    Decision,
+    Effect,
+    Finding,
+    Message,
+    RecipientDecision,
+    SmtpReply,
+)
+
+SPLIT_REPLY = SmtpReply(452, "4.5.3", "Too many recipients with differing policies; retry this one")
+GENERIC_SPAM_REPLY = SmtpReply(550, "5.7.1", "Message refused as spam")
+GENERIC_TEMPFAIL = SmtpReply(
+    451, "4.7.1", "Temporary failure in content filtering; try again later"
+)
+OVERSIZE_REPLIES = {
+    Action.REJECT: SmtpReply(552, "5.3.4", "Message too big for the content filter"),
+    Action.TEMPFAIL: SmtpReply(452, "4.3.1", "Message too big to filter now; try again later"),
+}
+
+
+def is_exempt(findings: Iterable[Finding]) -> bool:
+    effects = {f.effect for f in findings}
+    return Effect.EXEMPT in effects and Effect.UNEXEMPT not in effects
+
+
+def _first(
+    findings: Sequence[Finding], effect: Effect, bypassable: bool | None = None
+) -> Finding | None:
+    for f in findings:
+        if f.effect is effect and (bypassable is None or f.bypassable is bypassable):
+            return f
+    return None
+
+
+def _score(findings: Sequence[Finding]) -> float:
+    return sum(f.score for f in findings if f.effect is Effect.SCORE)
+
+
+def _judge(
+    findings: Sequence[Finding], cfg: PolicyConfig
+) -> tuple[Action, SmtpReply | None, str, float]:
+    """Rules 1-6 of the module docstring; returns (action, reply, reason code, score)."""
+    hard = _first(findings, Effect.REJECT, bypassable=False)
+    if hard is not None:
+        return Action.REJECT, hard.reply or GENERIC_SPAM_REPLY, hard.code, 0.0
+    exempt = is_exempt(findings)
+    live = [f for f in findings if not (exempt and f.bypassable)]
+    temp = _first(live, Effect.TEMPFAIL)
+    if temp is not None:
+        return Action.TEMPFAIL, temp.reply or GENERIC_TEMPFAIL, temp.code, 0.0
+    soft = _first(live, Effect.REJECT)
+    if soft is not None:
+        return Action.REJECT, soft.reply or GENERIC_SPAM_REPLY, soft.code, _score(live)
+    score = _score(live)
+    if score >= cfg.reject_score:
+        top = max((f for f in live if f.effect is Effect.SCORE), key=lambda f: f.score)
+        with_reply = [f for f in live if f.reply is not None and f.effect is Effect.SCORE]
+        reply = max(with_reply, key=lambda f: f.score).reply if with_reply else GENERIC_SPAM_REPLY
+        return Action.REJECT, reply, top.code, score
+    return Action.ACCEPT, None, "OK", score
+
+
+def decide_recipient(
+    recipient: str,
+    findings: Sequence[Finding],
+    cfg: PolicyConfig,
+    accepted_exempt: bool | None,
+) -> RecipientDecision:
+    """Decide one RCPT TO. ``accepted_exempt`` is the class of the first
+    recipient already accepted in this transaction (None if there is none)."""
+    exempt = is_exempt(findings)
+    action, reply, code, _ = _judge(findings, cfg)
+    if action is Action.ACCEPT and accepted_exempt is not None and accepted_exempt != exempt:
+        action, reply, code = Action.TEMPFAIL, SPLIT_REPLY, "SPLIT_RECIPIENTS"
+    return RecipientDecision(recipient, action, reply, exempt, tuple(findings), code)
+
+
+def decide_message(
+    message: Message,
+    findings: Sequence[Finding],
+    cfg: PolicyConfig,
+    milter_cfg: MilterConfig,
+) -> Decision:
+    """Decide at end of message from RCPT-phase and content findings together."""
+    probability = next(
+        (f.spam_probability for f in findings if f.spam_probability is not None), None
+    )
+    if message.oversize and milter_cfg.oversize_action != "accept":
+        action = Action(milter_cfg.oversize_action)
+        return Decision(
+            action, OVERSIZE_REPLIES[action], "OVERSIZE", tuple(findings), (), probability
+        )
+    action, reply, code, score = _judge(findings, cfg)
+    headers: list[tuple[str, str]] = []
+    if action is Action.ACCEPT:
+        if is_exempt(findings):
+            code = "ALLOWLISTED"
+        elif score >= cfg.tag_score:
+            code = max(
+                (f for f in findings if f.effect is Effect.SCORE), key=lambda f: f.score
+            ).code
+            headers.append(("X-Spam-Flag", "YES"))
+        if cfg.add_score_header:
+            headers.append(("X-Spam-Score", f"{score:.1f}"))
+        failed = sorted({f.check for f in findings if f.code.endswith("_FAIL")})
+        if failed:
+            headers.append(("X-Filterd-Unchecked", ", ".join(failed)))
+    return Decision(action, reply, code, tuple(findings), tuple(headers), probability)

@@ -1,0 +1,113 @@
+"""Start the real filterd daemon (`python -m filterd serve`) for end-to-end tests.
+
+The daemon runs as a separate process exactly as an operator runs it, with a
+config file written for the test and FILTERD_* overrides; it is stopped by its
+PID. Tests read its structured stderr log from ``log_path``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    """A config file: the shipped defaults of each section, overridden by ``sections``."""
+    lines = []
+    for name, keys in sections.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in keys.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+class DaemonProcess:
+    def __init__(self, workdir: Path, config: Path, env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.config = config
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "filterd.log"
+        self.socket_path = workdir / "milter.sock"
+
+    @property
+    def milter_for_postfix(self) -> str:
+        return f"unix:{self.socket_path}"
+
+    def start(self, timeout: float = 30.0) -> DaemonProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FILTERD_")}
+        env.update({"FILTERD_MILTER_SOCKET": f"unix:{self.socket_path}", **self.env})
+        env["PYTHONUNBUFFERED"] = "1"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.workdir, 0o755)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "filterd", "serve", "--config", str(self.config)],
+            cwd=ROOT, env=env, stdout=log, stderr=log,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"filterd exited at start:\n{self.log()[-3000:]}")
+            if self._answers():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"filterd did not listen in {timeout}s:\n{self.log()[-3000:]}")
+
+    def _answers(self) -> bool:
+        if not self.socket_path.exists():
+            return False
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(self.socket_path))
+            except OSError:
+                return False
+        return True
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def __enter__(self) -> DaemonProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
