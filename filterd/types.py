@@ -139,6 +139,21 @@ class Message:
         yield self.header_block
         yield from self._body_reader()
 
+    def head(self, limit: int) -> bytes:
+        """The first ``limit`` bytes, read from the spool without materialising the rest.
+
+        Checks that only need the top of a message (the classifier) use this so
+        that a 25 MB attachment does not become 25 MB of Python objects.
+        """
+        parts: list[bytes] = []
+        remaining = limit
+        for chunk in self.iter_raw():
+            parts.append(chunk[:remaining])
+            remaining -= len(parts[-1])
+            if remaining <= 0:
+                break
+        return b"".join(parts)
+
     @cached_property
     def raw(self) -> bytes:
         return b"".join(self.iter_raw())

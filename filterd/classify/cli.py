@@ -1,0 +1,264 @@
+"""Admin CLI: ``filterd train``, ``filterd evaluate``, ``filterd model promote|list|show``.
+
+Register with the main click group::
+
+    from filterd.classify.cli import evaluate, model, train
+    main.add_command(train); main.add_command(evaluate); main.add_command(model)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from filterd.classify import registry
+from filterd.classify.model import ModelError, SpamModel
+
+_models_dir_opt = click.option(
+    "--models-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help=f"Models directory (default: ${registry.ENV_MODELS_DIR} or ./models).",
+)
+
+
+def _progress(enabled: bool):  # type: ignore[no-untyped-def]
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, **kw)
+
+
+def _resolve_model(spec: str, models_dir: str | None) -> Path:
+    p = Path(spec)
+    if p.is_dir():
+        return p
+    return registry.models_dir(models_dir) / registry.check_name(spec)
+
+
+@click.command("train")
+@click.option(
+    "--ham",
+    "ham",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True),
+    help="Ham source: maildir, mbox file or directory of messages (repeatable).",
+)
+@click.option(
+    "--spam",
+    "spam",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True),
+    help="Spam source: maildir, mbox file or directory of messages (repeatable).",
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output model directory, e.g. models/sa-20250101.",
+)
+@click.option(
+    "--reject-fpr",
+    default=0.001,
+    show_default=True,
+    help="Target false-reject rate on held-out ham.",
+)
+@click.option(
+    "--tag-fpr", default=0.01, show_default=True, help="Target false-tag rate on held-out ham."
+)
+@click.option(
+    "--bits",
+    default=20,
+    show_default=True,
+    type=click.IntRange(10, 24),
+    help="log2 of hashed feature dims.",
+)
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--alpha", default=1e-6, show_default=True, help="L2 regularisation strength.")
+@click.option(
+    "--ham-weight", default=2.0, show_default=True, help="Sample weight of ham relative to spam."
+)
+@click.option(
+    "--folds",
+    default=5,
+    show_default=True,
+    type=click.IntRange(2, 50),
+    help="Out-of-fold splits used to choose thresholds.",
+)
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 10**6))
+@click.option(
+    "--description", default="", help="Free text for the model card (training data description)."
+)
+@click.option(
+    "--tmp-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Where to put the feature cache.",
+)
+@click.option("--promote", "do_promote", is_flag=True, help="Promote the model after training.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def train(  # type: ignore[no-untyped-def]
+    ham,
+    spam,
+    out,
+    reject_fpr,
+    tag_fpr,
+    bits,
+    epochs,
+    alpha,
+    ham_weight,
+    folds,
+    batch_size,
+    description,
+    tmp_dir,
+    do_promote,
+    progress,
+):
+    """Train a model from ham and spam sources (streaming; memory bounded by --batch-size)."""
+    from filterd.classify.evaluate import format_metrics
+    from filterd.classify.train import TrainConfig
+    from filterd.classify.train import train as do_train
+
+    out_p = Path(out)
+    registry.check_name(out_p.name)
+    cfg = TrainConfig(
+        n_features=2**bits,
+        alpha=alpha,
+        epochs=epochs,
+        ham_weight=ham_weight,
+        batch_size=batch_size,
+        folds=folds,
+        reject_fpr=reject_fpr,
+        tag_fpr=tag_fpr,
+    )
+    try:
+        card = do_train(
+            ham,
+            spam,
+            out_p,
+            cfg,
+            progress=_progress(progress),
+            description=description,
+            tmp_dir=tmp_dir,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    th = card["thresholds"]
+    click.echo(f"model written to {out_p}")
+    click.echo(f"thresholds: reject={th['reject']:.6g} tag={th['tag']:.6g}")
+    click.echo("out-of-fold metrics:")
+    click.echo(format_metrics(card["metrics"]["out_of_fold"]))
+    if do_promote:
+        registry.promote(out_p.parent, out_p.name)
+        click.echo(f"promoted {out_p.name} (ACTIVE in {out_p.parent})")
+
+
+@click.command("evaluate")
+@click.argument("model_spec", metavar="MODEL")
+@click.option("--ham", "ham", multiple=True, required=True, type=click.Path(exists=True))
+@click.option("--spam", "spam", multiple=True, required=True, type=click.Path(exists=True))
+@click.option(
+    "--roc-png", default=None, type=click.Path(dir_okay=False), help="Write a ROC curve PNG here."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print figures as JSON.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@_models_dir_opt
+def evaluate(model_spec, ham, spam, roc_png, as_json, progress, models_dir):  # type: ignore[no-untyped-def]
+    """Score ham and spam sources with MODEL (name in the models dir, or a path)."""
+    from filterd.classify import corpus
+    from filterd.classify import evaluate as ev
+
+    try:
+        m = SpamModel.load(_resolve_model(model_spec, models_dir))
+    except ModelError as e:
+        raise click.ClickException(str(e)) from None
+    ys: list[int] = []
+    ss: list[float] = []
+    groups: list[str] = []
+    bar_f = _progress(progress)
+    total = corpus.count_messages(list(ham) + list(spam))
+    bar = bar_f(total=total, desc="scoring", unit="msg") if bar_f else None
+    for label, srcs in ((0, ham), (1, spam)):  # type: ignore[no-untyped-def]
+        for src in srcs:
+            for _mid, raw in corpus.iter_messages(src):
+                ss.append(m.score(raw))
+                ys.append(label)
+                groups.append(src)
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    y, s = np.array(ys), np.array(ss)
+    reject, tag = m.thresholds
+    res = ev.metrics(y, s, {"reject": reject, "tag": tag}, groups=np.array(groups))
+    res["model"] = m.name
+    if roc_png:
+        ev.roc_png(y, s, roc_png, title=m.name)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    else:
+        click.echo(f"model: {m.name}")
+        click.echo(ev.format_metrics(res))
+
+
+@click.group("model")
+def model() -> None:
+    """Manage classifier models (list, show, promote)."""
+
+
+@model.command("list")
+@_models_dir_opt
+def model_list(models_dir):  # type: ignore[no-untyped-def]
+    """List models; '*' marks the active one."""
+    d = registry.models_dir(models_dir)
+    entries = registry.list_models(d)
+    if not entries:
+        click.echo(f"no models in {d}")
+        return
+    for e in entries:
+        mark = "*" if e["active"] else " "
+        if e["ok"]:
+            auc = e.get("auc")
+            auc_s = f"{auc:.5f}" if isinstance(auc, float) else "-"
+            click.echo(
+                f"{mark} {e['name']:<24} {e.get('created') or '-':<20} reject={e['reject']:.6g} "
+                f"tag={e['tag']:.6g} oof_auc={auc_s}"
+            )
+        else:
+            click.echo(f"{mark} {e['name']:<24} INVALID: {e['error']}")
+
+
+@model.command("show")
+@click.argument("name")
+@_models_dir_opt
+def model_show(name, models_dir):  # type: ignore[no-untyped-def]
+    """Print the model card of NAME (after verifying the model loads)."""
+    try:
+        m = SpamModel.load(_resolve_model(name, models_dir))
+    except ModelError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(m.card, indent=2))
+
+
+@model.command("promote")
+@click.argument("name")
+@_models_dir_opt
+def model_promote(name, models_dir):  # type: ignore[no-untyped-def]
+    """Make NAME the active model (atomic; running daemons pick it up on SIGHUP or change)."""
+    d = registry.models_dir(models_dir)
+    try:
+        m = registry.promote(d, name)
+    except ModelError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"promoted {m.name} (reject={m.thresholds[0]:.6g} tag={m.thresholds[1]:.6g})")
+
+
+__all__ = ["evaluate", "model", "train"]

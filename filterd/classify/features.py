@@ -1,0 +1,876 @@
+"""Feature extraction: raw message bytes -> list of string tokens.
+
+Single source of truth for training and serving.  Tokens carry a prefix naming their source:
+
+====== ==============================================================
+``w:``  body word (decoded text/plain + HTML-to-text, lowercased)
+``w2:`` body word bigram
+``s:``  subject word / ``s2:`` subject bigram / ``sx:`` subject shape
+``fd:`` From display-name word
+``h:``  header shape (From/Reply-To/Message-ID shape, mailer, presence)
+``r:``  originating Received hop shape (no host names)
+``m:``  MIME structure, ``c:`` charset, ``e:`` transfer encoding
+``t:``  HTML tag / structure signal
+``u:``  URL registered domain, ``ut:`` URL TLD, ``us:`` URL shape
+``o:``  obfuscation signal, ``n:`` count bucket, ``x:`` parser trouble
+====== ==============================================================
+
+Deliberately *not* used, because they identify the training corpus rather than spam:
+recipient addresses (To/Cc/Delivered-To), List-* / X-Mailing-List / Sender / Errors-To /
+X-BeenThere / X-Mailman-*, Date and years, Received host names, Return-Path, any X-Spam-* or
+other filter-added header, and mailing-list footers in the body (stripped before tokenising).
+
+:func:`extract_features` never raises: any bytes give a (possibly short) token list.
+"""
+
+from __future__ import annotations
+
+import email
+import email.header
+import email.message
+import html
+import math
+import re
+from collections.abc import Iterable
+from email import policy as _policy
+from typing import Any
+
+# Bump whenever the token set produced for a given message changes; models record it and
+# refuse to load under a different version.
+FEATURES_VERSION = "fx-4"
+
+MAX_MESSAGE_BYTES = 1_000_000  # raw bytes parsed at most (rest of a huge message ignored)
+MAX_PART_CHARS = 200_000  # decoded characters per text part
+MAX_PARTS = 64  # MIME parts walked at most
+MAX_WORDS = 3_000  # body words tokenised at most
+MAX_URLS = 100  # URLs turned into features at most
+
+SETTINGS = {
+    "features_version": FEATURES_VERSION,
+    "max_message_bytes": MAX_MESSAGE_BYTES,
+    "max_part_chars": MAX_PART_CHARS,
+    "max_parts": MAX_PARTS,
+    "max_words": MAX_WORDS,
+    "max_urls": MAX_URLS,
+}
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _bucket(n: float) -> int:
+    """Log2 bucket of a non-negative count: 0, 1, 2, 3-4 -> 3, 5-8 -> 4, ..."""
+    if n <= 0:
+        return 0
+    return 1 + int(math.ceil(math.log2(n))) if n > 1 else 1  # noqa: RUF046
+
+
+def _ratio_bucket(num: float, den: float) -> int:
+    if den <= 0:
+        return -1
+    return min(10, int(10 * num / den))
+
+
+_CHARSET_ALIASES = {
+    "ks_c_5601-1987": "cp949",
+    "ks_c_5601": "cp949",
+    "euc-kr": "cp949",
+    "gb2312": "gb18030",
+    "gbk": "gb18030",
+    "x-gbk": "gb18030",
+    "big5": "big5hkscs",
+    "iso-8859-1": "cp1252",
+    "latin1": "cp1252",
+    "us-ascii": "cp1252",
+    "ascii": "cp1252",
+    "x-unknown": "cp1252",
+    "unknown-8bit": "cp1252",
+    "unknown": "cp1252",
+    "default": "cp1252",
+    "x-user-defined": "cp1252",
+    "iso-8859-8-i": "iso-8859-8",
+    "windows-874": "cp874",
+    "shift-jis": "shift_jis",
+    "x-sjis": "shift_jis",
+}
+
+_CHARSET_NAME_RE = re.compile(r"[^a-z0-9_.:-]")
+
+
+def _norm_charset(cs: object) -> str:
+    if not isinstance(cs, str):
+        return ""
+    cs = cs.strip().strip("\"'").lower()
+    return _CHARSET_NAME_RE.sub("", cs)[:40]
+
+
+def _decode_bytes(data: bytes, charset: str) -> tuple[str, bool]:
+    """Decode with the declared charset, falling back gracefully. Returns (text, had_trouble)."""
+    codec = _CHARSET_ALIASES.get(charset, charset) or "utf-8"
+    if codec != "utf-8":
+        try:
+            return data.decode(codec), False
+        except (LookupError, ValueError, TypeError):
+            pass
+    try:
+        return data.decode("utf-8"), codec not in ("utf-8", "utf8")
+    except UnicodeDecodeError:
+        pass
+    if codec not in ("utf-8", "utf8"):
+        try:
+            return data.decode(codec, errors="replace"), True
+        except (LookupError, ValueError, TypeError):
+            pass
+    return data.decode("cp1252", errors="replace"), True
+
+
+def _header_text(value: object) -> tuple[str, list[str]]:
+    """Decode RFC 2047 encoded words. Returns (text, charsets used)."""
+    if value is None:
+        return "", []
+    if isinstance(value, email.header.Header):  # noqa: SIM108
+        raw = str(value)
+    else:
+        raw = str(value)
+    charsets: list[str] = []
+    if "=?" not in raw:
+        return raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), charsets
+    try:
+        parts = email.header.decode_header(raw)
+    except Exception:  # noqa: BLE001
+        return raw, charsets
+    out = []
+    for chunk, cs in parts:
+        if isinstance(chunk, str):
+            out.append(chunk)
+            continue
+        cs_n = _norm_charset(cs) if cs else ""
+        if cs_n:
+            charsets.append(cs_n)
+        text, _ = _decode_bytes(chunk, cs_n or "utf-8")
+        out.append(text)
+    return "".join(out), charsets
+
+
+_SHAPE_TABLE = {}
+for _c in range(ord("a"), ord("z") + 1):
+    _SHAPE_TABLE[_c] = "a"
+    _SHAPE_TABLE[_c - 32] = "A"
+for _c in range(ord("0"), ord("9") + 1):
+    _SHAPE_TABLE[_c] = "9"
+
+
+def _shape(s: str, limit: int = 24) -> str:
+    """Character-class shape with runs collapsed: 'Ab12.x@y' -> 'Aa9.a@a'."""
+    s = s[:200].translate(_SHAPE_TABLE)
+    out: list[str] = []
+    for ch in s:
+        if ch.isalpha() and ch not in "aA":
+            ch = "u"  # non-ASCII letter
+        if not out or out[-1] != ch:
+            out.append(ch)
+    return "".join(out)[:limit]
+
+
+def _local_shape(local: str) -> list[str]:
+    """Shape tokens of an address local part (no words of it)."""
+    toks = []
+    digits = sum(c.isdigit() for c in local)
+    toks.append(f"len{_bucket(len(local))}")
+    toks.append(f"dig{_bucket(digits)}")
+    if any(c.isupper() for c in local):
+        toks.append("upper")
+    if re.search(r"[bcdfghjklmnpqrstvwxz]{5,}", local.lower()):
+        toks.append("consonants")
+    toks.append("shape:" + _shape(local, 10))
+    return toks
+
+
+_IP_RE = re.compile(r"^\[?\d{1,3}(?:\.\d{1,3}){3}\]?$")
+_psl: Any = None
+
+
+def _regdomain(host: str) -> str:
+    """Registered domain ('www.Foo.co.uk' -> 'foo.co.uk'); '_ip' for IP literals."""
+    host = host.strip().strip(".").lower()
+    if not host:
+        return ""
+    if _IP_RE.match(host) or ":" in host:
+        return "_ip"
+    global _psl
+    if _psl is None:
+        try:
+            from publicsuffixlist import PublicSuffixList
+
+            _psl = PublicSuffixList()
+        except Exception:  # pragma: no cover - optional dependency missing  # noqa: BLE001
+            _psl = False
+    if _psl:
+        try:
+            rd = _psl.privatesuffix(host)
+            if rd:
+                return str(rd)
+        except Exception:  # noqa: BLE001
+            pass
+    labels = host.split(".")
+    return ".".join(labels[-2:])
+
+
+def _tld(host: str) -> str:
+    host = host.strip().strip(".").lower()
+    if _IP_RE.match(host):
+        return "_ip"
+    return host.rsplit(".", 1)[-1][:16] if "." in host else "_none"
+
+
+_ADDR_RE = re.compile(r"([^\s<>\"(),;:]+)@([A-Za-z0-9.\-\[\]]+)")
+
+FREEMAIL = frozenset(
+    [
+        "hotmail.com",
+        "msn.com",
+        "yahoo.com",
+        "aol.com",
+        "gmail.com",
+        "googlemail.com",
+        "outlook.com",
+        "live.com",
+        "mail.com",
+        "usa.net",
+        "excite.com",
+        "lycos.com",
+        "netscape.net",
+        "juno.com",
+        "earthlink.net",
+        "mail.ru",
+        "yandex.ru",
+        "gmx.com",
+        "gmx.net",
+        "gmx.de",
+        "web.de",
+        "rediffmail.com",
+        "yahoo.co.uk",
+        "hotmail.co.uk",
+        "icloud.com",
+        "me.com",
+        "protonmail.com",
+        "proton.me",
+        "qq.com",
+        "163.com",
+        "126.com",
+        "sina.com",
+        "zoho.com",
+        "aim.com",
+    ]
+)
+
+# --------------------------------------------------------------------------- body helpers
+
+_FOOTER_RES = [
+    re.compile(r"^-{10,}[ \t]*\n[ \t]*this sf\.net email is sponsored", re.I | re.M),
+    re.compile(r"^-*[ \t]*yahoo! groups sponsor", re.I | re.M),
+    re.compile(r"^_{20,}[ \t]*\n[^\n]{0,80}mailing list[ \t]*$", re.I | re.M),
+    re.compile(r"^[^\n]{0,80}mailing list[ \t]*\n[^\n]*@[^\n]*\n[^\n]*listinfo", re.I | re.M),
+    re.compile(r"^--[ \t]*\n[ \t]*irish linux users' group", re.I | re.M),
+    re.compile(r"^your use of yahoo! groups is subject to", re.I | re.M),
+    re.compile(r"^to unsubscribe from this group, send an email to:", re.I | re.M),
+]
+
+
+def strip_list_footer(text: str) -> str:
+    """Cut mailing-list footers (Mailman, SourceForge, Yahoo! Groups, ...) off a text part."""
+    cut = len(text)
+    for rx in _FOOTER_RES:
+        m = rx.search(text)
+        if m and m.start() < cut:
+            cut = m.start()
+    return text[:cut]
+
+
+_SCRIPT_RE = re.compile(r"<(script|style|title)\b.*?</\1\s*>", re.S | re.I)
+_COMMENT_RE = re.compile(r"<!--.*?-->", re.S)
+_COMMENT_INWORD_RE = re.compile(r"\w<!--.*?-->\w", re.S)
+_TAG_RE = re.compile(r"<(/?)([a-zA-Z][a-zA-Z0-9]{0,15})\b([^>]{0,2000})>", re.S)
+_URL_ATTR_RE = re.compile(r"""(?:href|src|action|background)\s*=\s*["']?([^"'\s>]+)""", re.I)
+_ANCHOR_RE = re.compile(
+    r"<a\b[^>]{0,2000}?href\s*=\s*[\"']?([^\"'\s>]+)[^>]{0,500}>(.{0,300}?)</a", re.I | re.S
+)
+_INLINE_TAGS = frozenset(
+    [
+        "a",
+        "b",
+        "i",
+        "u",
+        "em",
+        "strong",
+        "font",
+        "span",
+        "small",
+        "big",
+        "sup",
+        "sub",
+        "s",
+        "strike",
+        "tt",
+        "abbr",
+    ]
+)
+_HIDDEN_RE = re.compile(
+    r"display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*[01](?:\.\d+)?(?:px|pt)", re.I
+)
+_TINYFONT_RE = re.compile(r"<font[^>]*size\s*=\s*[\"']?(?:1|-[1-9])\b", re.I)
+_WHITE_RE = re.compile(r"color\s*[=:]\s*[\"']?(?:#?f{6}\b|#fff\b|white\b)", re.I)
+
+
+def html_to_text(src: str, toks: list[str], urls: list[str]) -> str:
+    """Crude but fast HTML -> text; appends structure tokens to ``toks`` and URLs to ``urls``."""
+    tag_counts: dict[str, int] = {}
+    if _COMMENT_INWORD_RE.search(src):
+        toks.append("o:html_comment_inword")
+    n_comments = len(_COMMENT_RE.findall(src))
+    toks.append(f"n:html_comments={_bucket(n_comments)}")
+    src = _COMMENT_RE.sub("", src)
+    for m in _URL_ATTR_RE.finditer(src):
+        if len(urls) >= MAX_URLS:
+            break
+        urls.append(m.group(1))
+    for m in _ANCHOR_RE.finditer(src):
+        href, text = m.group(1), m.group(2)
+        text = re.sub(r"<[^>]*>", "", text)
+        tm = re.search(r"(?:https?://)?((?:[a-z0-9-]+\.)+[a-z]{2,})", text, re.I)
+        hm = re.match(r"(?:https?://)([^/:?#]+)", href, re.I)
+        if tm and hm:  # noqa: SIM102
+            if _regdomain(tm.group(1)) != _regdomain(hm.group(1)):
+                toks.append("o:link_text_domain_mismatch")
+    if _HIDDEN_RE.search(src):
+        toks.append("o:html_hidden")
+    if _TINYFONT_RE.search(src):
+        toks.append("o:html_tinyfont")
+    if _WHITE_RE.search(src):
+        toks.append("o:html_white")
+    src = _SCRIPT_RE.sub(" ", src)
+
+    def _tag(m: re.Match[str]) -> str:
+        name = m.group(2).lower()
+        if not m.group(1):
+            tag_counts[name] = tag_counts.get(name, 0) + 1
+        return "" if name in _INLINE_TAGS else "\n" if name in ("br", "p", "div", "tr") else " "
+
+    text = _TAG_RE.sub(_tag, src)
+    for name, cnt in tag_counts.items():  # noqa: B007
+        toks.append(f"t:{name}")
+    for name in (
+        "a",
+        "img",
+        "font",
+        "table",
+        "td",
+        "form",
+        "input",
+        "script",
+        "iframe",
+        "p",
+        "br",
+        "center",
+        "b",
+    ):
+        toks.append(f"t:{name}={_bucket(tag_counts.get(name, 0))}")
+    if "<base" in src.lower():
+        toks.append("t:base_href")
+    if re.search(r"http-equiv\s*=\s*[\"']?refresh", src, re.I):
+        toks.append("t:meta_refresh")
+    try:  # noqa: SIM105
+        text = html.unescape(text)
+    except Exception:  # noqa: BLE001
+        pass
+    return text
+
+
+_URL_TEXT_RE = re.compile(r"""(?:\b(?:https?|ftp)://|\bwww\.)[^\s<>"'()\[\]{}]{1,500}""", re.I)
+_EMAIL_TEXT_RE = re.compile(r"[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63})+")
+_WORD_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)?|[$€£¥!]|_url_|_email_")
+_MONEY_RE = re.compile(r"[$€£]\s?\d")
+_ZERO_WIDTH_RE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
+_MIXED_SCRIPT_RE = re.compile(r"(?=\w*[a-zA-Z])(?=\w*[\u0400-\u04ff])\w+")
+_SHORTENERS = frozenset(
+    [
+        "bit.ly",
+        "tinyurl.com",
+        "goo.gl",
+        "t.co",
+        "ow.ly",
+        "is.gd",
+        "buff.ly",
+        "rebrand.ly",
+        "cutt.ly",
+        "shorturl.at",
+        "tiny.cc",
+        "rb.gy",
+        "t.ly",
+        "s.id",
+    ]
+)
+
+
+def _url_features(urls: Iterable[str], toks: list[str], from_rd: str) -> set[str]:
+    domains: set[str] = set()
+    n = 0
+    for url in urls:
+        if n >= MAX_URLS:
+            break
+        u = url.strip().strip(".,;:!?)]>")
+        low = u.lower()
+        if low.startswith(("mailto:", "cid:", "#", "javascript:", "data:")):
+            if low.startswith("javascript:"):
+                toks.append("us:javascript")
+            continue
+        if low.startswith("www."):
+            low = "http://" + low
+        m = re.match(r"^(?:(https?|ftp)://)([^/?#]*)(.*)$", low)
+        if not m:
+            continue
+        n += 1
+        scheme, netloc, rest = m.groups()
+        if scheme == "https":
+            toks.append("us:https")
+        if "@" in netloc:
+            toks.append("us:userinfo")
+            netloc = netloc.rsplit("@", 1)[1]
+        host = netloc
+        if ":" in netloc and not netloc.startswith("["):
+            host, _, port = netloc.partition(":")
+            if port and port not in ("80", "443"):
+                toks.append("us:port")
+        if "%" in host:
+            toks.append("us:host_pct")
+        try:  # noqa: SIM105
+            host = host.encode("ascii", "ignore").decode() if host.isascii() else host
+        except Exception:  # noqa: BLE001
+            pass
+        if re.fullmatch(r"\d+", host):
+            toks.append("us:host_int")
+            continue
+        rd = _regdomain(host)
+        if not rd:
+            continue
+        domains.add(rd)
+        if rd == "_ip":
+            toks.append("us:ip")
+        else:
+            toks.append("ut:" + _tld(host))
+            depth = host.count(".") - rd.count(".")
+            toks.append(f"us:subdepth={min(depth, 4)}")
+            if rd in _SHORTENERS:
+                toks.append("us:shortener")
+            if host.startswith("xn--") or ".xn--" in host:
+                toks.append("us:punycode")
+        if "%" in rest:
+            toks.append("us:path_pct")
+        if re.search(r"[?&][^=]*=(?:https?%3a|https?:)", rest):
+            toks.append("us:redirect")
+        if len(rest) > 80:
+            toks.append("us:longpath")
+        for seg in re.findall(r"[a-z]{3,15}", rest)[:6]:
+            toks.append("up:" + seg)
+    for rd in domains:
+        toks.append("u:" + rd)
+    toks.append(f"n:urls={_bucket(n)}")
+    toks.append(f"n:url_domains={_bucket(len(domains))}")
+    if from_rd and domains:
+        share = sum(1 for d in domains if d == from_rd) / len(domains)
+        toks.append(
+            "us:from_domain_linked=" + ("none" if share == 0 else "all" if share == 1 else "some")
+        )
+    return domains
+
+
+def _text_features(text: str, toks: list[str], budget: int) -> int:
+    """Tokenise decoded body text into words/bigrams + shape signals. Returns words used."""
+    letters = sum(1 for c in text[:20000] if c.isalpha())
+    upper = sum(1 for c in text[:20000] if c.isupper())
+    toks.append(f"o:caps_ratio={_ratio_bucket(upper, letters)}")
+    if _ZERO_WIDTH_RE.search(text):
+        toks.append("o:zero_width")
+    if _MIXED_SCRIPT_RE.search(text[:50000]):
+        toks.append("o:mixed_script_word")
+    nonascii = sum(1 for c in text[:20000] if ord(c) > 127)
+    toks.append(f"o:nonascii_ratio={_ratio_bucket(nonascii, max(1, min(len(text), 20000)))}")
+    toks.append(f"n:money={_bucket(len(_MONEY_RE.findall(text[:50000])))}")
+    toks.append(f"n:excl={_bucket(text.count('!'))}")
+    if "!!!" in text:
+        toks.append("o:excl_run")
+    lines = text.count("\n") + 1
+    quoted = len(re.findall(r"^\s*>", text[:100000], re.M))
+    toks.append(f"o:quoted_ratio={_ratio_bucket(quoted, lines)}")
+
+    low = text.lower()
+    low = _URL_TEXT_RE.sub(" _url_ ", low)
+    low = _EMAIL_TEXT_RE.sub(" _email_ ", low)
+    words = _WORD_RE.findall(low)
+    if len(words) > budget:
+        words = words[:budget]
+    prev = ""
+    alnum_mix = 0
+    for w in words:
+        if w.isdigit():
+            w = f"_num{min(len(w), 8)}"
+        elif len(w) > 30:
+            w = "_long"
+        elif not w.isalpha() and any(c.isdigit() for c in w) and any(c.isalpha() for c in w):
+            alnum_mix += 1
+        toks.append("w:" + w)
+        if prev:
+            toks.append("w2:" + prev + " " + w)
+        prev = w
+    toks.append(f"o:alnum_mix={_bucket(alnum_mix)}")
+    return len(words)
+
+
+# --------------------------------------------------------------------------- headers
+
+_MAILER_RE = re.compile(r"[A-Za-z][A-Za-z!.\-]{1,30}")
+_SUBJ_TAG_RE = re.compile(r"^\s*(?:(?:re|fwd?|aw)\s*:\s*)*\[[^\]]{1,40}\]\s*", re.I)
+_RE_RE = re.compile(r"^\s*(re|fwd?|aw)\s*:", re.I)
+_RCVD_DYN_RE = re.compile(
+    r"(?:dsl|dial|dyn|pool|cable|ppp|dhcp|client|modem|\d+[-.]\d+[-.]\d+|\bip\d|host\d)", re.I
+)
+_RCVD_FROM_RE = re.compile(r"from\s+(\S+)(?:\s+\(([^)]*)\))?", re.I | re.S)
+
+
+def _subject_features(subj: str, toks: list[str]) -> None:
+    if _RE_RE.match(subj):
+        toks.append("sx:re")
+    # list tags such as "[ILUG]" name the list, not the content
+    subj = _SUBJ_TAG_RE.sub("", subj)
+    subj = re.sub(r"^\s*(?:(?:re|fwd?|aw)\s*:\s*)+", "", subj, flags=re.I)
+    letters = sum(c.isalpha() for c in subj)
+    upper = sum(c.isupper() for c in subj)
+    toks.append(f"sx:caps={_ratio_bucket(upper, letters)}")
+    toks.append(f"sx:len={_bucket(len(subj))}")
+    if "!" in subj:
+        toks.append("sx:excl")
+    if "$" in subj:
+        toks.append("sx:dollar")
+    if re.search(r"\s{4,}\S+\s*$", subj):
+        toks.append("sx:trailing_gap")
+    if re.search(r"[\w]\.[\w]\.[\w]|\w_\w_\w", subj):
+        toks.append("sx:spaced_letters")
+    if re.search(r"\d{4,}\s*$", subj):
+        toks.append("sx:trailing_number")
+    if not subj.strip():
+        toks.append("sx:empty")
+    words = _WORD_RE.findall(subj.lower())[:40]
+    prev = ""
+    for w in words:
+        if w.isdigit():
+            w = f"_num{min(len(w), 8)}"
+        toks.append("s:" + w)
+        if prev:
+            toks.append("s2:" + prev + " " + w)
+        prev = w
+
+
+def _first_addr(value: str) -> tuple[str, str, str]:
+    """(display name, local part, domain) of the first address in a header value."""
+    m = _ADDR_RE.search(value)
+    if not m:
+        return value.strip(), "", ""
+    display = (value[: m.start()] + value[m.end() :]).replace("<>", "")
+    display = display.strip().strip("\"' <>")
+    return display, m.group(1).strip("<\"'"), m.group(2).lower().strip("[]")
+
+
+def _header_features(msg: email.message.Message, toks: list[str]) -> str:
+    """Header features. Returns the From registered domain (for cross checks)."""
+    # Subject
+    subj_raw = msg.get("Subject")
+    if subj_raw is None:
+        toks.append("h:no_subject")
+    else:
+        subj, charsets = _header_text(subj_raw)
+        for cs in charsets[:3]:
+            toks.append("hc:subject:" + cs)
+        if "=?" in str(subj_raw):
+            toks.append("h:subject_encoded")
+        _subject_features(subj, toks)
+
+    # From
+    from_rd = ""
+    from_raw = msg.get("From")
+    if from_raw is None:
+        toks.append("h:no_from")
+    else:
+        from_txt, charsets = _header_text(from_raw)
+        for cs in charsets[:2]:
+            toks.append("hc:from:" + cs)
+        display, local, dom = _first_addr(from_txt)
+        if not dom:
+            toks.append("h:from_no_addr")
+        else:
+            from_rd = _regdomain(dom)
+            toks.append("h:from_tld:" + _tld(dom))
+            if from_rd in FREEMAIL:
+                toks.append("h:from_freemail")
+            if from_rd == "_ip":
+                toks.append("h:from_ip_domain")
+            for t in _local_shape(local):
+                toks.append("h:from_local_" + t)
+        if not display:
+            toks.append("h:from_no_display")
+        else:
+            if "@" in display:
+                toks.append("h:from_display_has_addr")
+            letters = sum(c.isalpha() for c in display)
+            if letters and sum(c.isupper() for c in display) == letters:
+                toks.append("h:from_display_allcaps")
+            for w in _WORD_RE.findall(display.lower())[:6]:
+                if w.isalpha():
+                    toks.append("fd:" + w)
+
+    # Reply-To
+    rt = msg.get("Reply-To")
+    if rt is not None:
+        _, _, rdom = _first_addr(_header_text(rt)[0])
+        rrd = _regdomain(rdom) if rdom else ""
+        toks.append("h:reply_to")
+        if rrd and from_rd and rrd != from_rd:
+            toks.append("h:reply_to_other_domain")
+            if rrd in FREEMAIL:
+                toks.append("h:reply_to_freemail")
+
+    # Message-ID shape
+    mid = msg.get("Message-ID")
+    msgid_rd = ""
+    if mid is None:
+        toks.append("h:no_msgid")
+    else:
+        mid = str(mid).strip()
+        m = re.match(r"^<?([^@>]*)@?([^>]*)>?", mid)
+        local, mdom = (m.group(1), m.group(2).lower()) if m else (mid, "")
+        toks.append("h:msgid_shape:" + _shape(local, 16))
+        toks.append(f"h:msgid_len={_bucket(len(local))}")
+        if not mid.startswith("<") or not mid.endswith(">"):
+            toks.append("h:msgid_no_brackets")
+        if not mdom:
+            toks.append("h:msgid_no_domain")
+        else:
+            mrd = msgid_rd = _regdomain(mdom)
+            if mrd == "_ip":
+                toks.append("h:msgid_ip_domain")
+            elif "." not in mdom:
+                toks.append("h:msgid_bare_domain")
+            if from_rd and mrd == from_rd:
+                toks.append("h:msgid_matches_from")
+
+    # Mailer
+    mailer = msg.get("X-Mailer") or msg.get("User-Agent")
+    if mailer is None:
+        toks.append("h:no_mailer")
+    else:
+        words = _MAILER_RE.findall(str(mailer))[:2]
+        toks.append("h:mailer:" + " ".join(w.lower() for w in words))
+
+    # presence of generic headers (not list / filter / delivery headers)
+    for name in (
+        "In-Reply-To",
+        "References",
+        "X-Priority",
+        "X-MSMail-Priority",
+        "Importance",
+        "Disposition-Notification-To",
+        "Organization",
+        "X-Originating-IP",
+        "MIME-Version",
+        "Content-Type",
+        "Cc",
+        "Thread-Index",
+        "X-MimeOLE",
+    ):
+        if msg.get(name) is not None:
+            toks.append("h:has:" + name.lower())
+    to = msg.get("To")
+    if to is None:
+        toks.append("h:no_to")
+    else:
+        to_s = str(to)
+        n_to = to_s.count("@")
+        toks.append(f"h:to_count={_bucket(n_to)}")
+        if "undisclosed" in to_s.lower():
+            toks.append("h:to_undisclosed")
+    pri = msg.get("X-Priority")
+    if pri is not None and str(pri).strip()[:1] in ("1", "2"):
+        toks.append("h:high_priority")
+
+    # originating Received hop: shape only, never host names
+    rcvd = msg.get_all("Received") or []
+    # sender consistency: did the From / Message-ID domain's own servers handle the message?
+    path_rds: set[str] = set()
+    for hop in rcvd[:20]:
+        for m in _RCVD_FROM_RE.finditer(" ".join(str(hop).split())[:1000]):
+            for host in (m.group(1), (m.group(2) or "").split(" ")[0]):
+                host = host.strip("[]()")
+                if "." in host and not _IP_RE.match(host):
+                    path_rds.add(_regdomain(host))
+    if from_rd and from_rd != "_ip":
+        toks.append("r:from_domain_in_path" if from_rd in path_rds else "r:from_domain_not_in_path")
+    if msgid_rd and msgid_rd != "_ip":
+        toks.append(
+            "r:msgid_domain_in_path" if msgid_rd in path_rds else "r:msgid_domain_not_in_path"
+        )
+    if rcvd:
+        last = " ".join(str(rcvd[-1]).split())
+        m = _RCVD_FROM_RE.search(last)
+        if m:
+            helo, paren = m.group(1), m.group(2) or ""
+            if _IP_RE.match(helo.strip("[]")):
+                toks.append("r:helo_ip")
+            elif "." not in helo:
+                toks.append("r:helo_bare")
+            if "unknown" in paren.lower():
+                toks.append("r:rdns_unknown")
+            rdns = paren.split()[0] if paren.split() else ""
+            if rdns and _RCVD_DYN_RE.search(rdns):
+                toks.append("r:rdns_dynamic")
+            if rdns and "." in helo and "." in rdns and not _IP_RE.match(helo.strip("[]")):  # noqa: SIM102
+                if _regdomain(rdns.strip("[]")) != _regdomain(helo):
+                    toks.append("r:helo_mismatch")
+    return from_rd
+
+
+# --------------------------------------------------------------------------- main entry
+
+
+def _strip_envelope(raw: bytes) -> bytes:
+    if raw.startswith(b"From "):
+        nl = raw.find(b"\n")
+        raw = raw[nl + 1 :] if nl >= 0 else b""
+    return raw
+
+
+def parse_message(raw: bytes) -> email.message.Message:
+    """Parse bytes leniently (compat32, no defects raised). Never raises on any input."""
+    raw = _strip_envelope(bytes(raw[:MAX_MESSAGE_BYTES]))
+    try:
+        return email.message_from_bytes(raw, policy=_policy.compat32)
+    except Exception:  # noqa: BLE001
+        return email.message.Message()
+
+
+def _payload_bytes(part: email.message.Message, toks: list[str]) -> bytes:
+    try:
+        data = part.get_payload(decode=True)
+    except Exception:  # noqa: BLE001
+        toks.append("x:payload_error")
+        data = None
+    if data is None:
+        pl = part.get_payload()
+        if isinstance(pl, str):  # noqa: SIM108
+            data = pl.encode("utf-8", "surrogateescape")
+        else:
+            data = b""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogateescape")
+    return bytes(data)
+
+
+def extract_features(raw: bytes | email.message.Message) -> list[str]:
+    """Message bytes (or a parsed Message) -> feature tokens (with repetitions).
+
+    Never raises: on an unexpected internal error the tokens gathered so far are returned with
+    an ``x:`` marker token.
+    """
+    toks: list[str] = []
+    try:
+        if isinstance(raw, email.message.Message):
+            msg = raw
+            size = 0
+        else:
+            if not isinstance(raw, (bytes, bytearray, memoryview)):
+                raw = str(raw).encode("utf-8", "surrogateescape")
+            raw = bytes(raw)
+            # Counted with LF line ends: files on disk (training) use LF, SMTP (serving) CRLF.
+            size = len(raw) - raw.count(b"\r\n")
+            if size > MAX_MESSAGE_BYTES:
+                toks.append("x:truncated")
+            msg = parse_message(raw)
+        if size:
+            toks.append(f"n:size={_bucket(size // 1024)}")
+        _extract(msg, toks)
+    except RecursionError:
+        toks.append("x:recursion")
+    except Exception:  # noqa: BLE001
+        toks.append("x:extract_error")
+    return toks
+
+
+def _extract(msg: email.message.Message, toks: list[str]) -> None:
+    if getattr(msg, "defects", None):
+        toks.append("x:defects")
+    from_rd = _header_features(msg, toks)
+
+    urls: list[str] = []
+    types: list[str] = []
+    has_plain = has_html = False
+    n_attach = 0
+    words_left = MAX_WORDS
+    for i, part in enumerate(msg.walk()):
+        if i >= MAX_PARTS:
+            toks.append("x:too_many_parts")
+            break
+        try:
+            ctype = part.get_content_type()
+        except Exception:  # noqa: BLE001
+            ctype = "text/plain"
+        ctype = ctype[:60]
+        types.append(ctype)
+        toks.append("m:" + ctype)
+        if part.is_multipart():
+            continue
+        cte = str(part.get("Content-Transfer-Encoding", "")).strip().lower()[:20]
+        if cte:
+            toks.append(f"e:{ctype.split('/')[0]}:{cte}")
+        disp = str(part.get("Content-Disposition", "")).lower()
+        fname = None
+        try:  # noqa: SIM105
+            fname = part.get_filename()
+        except Exception:  # noqa: BLE001
+            pass
+        if "attachment" in disp or fname:
+            n_attach += 1
+            if fname:
+                ext = str(fname).rsplit(".", 1)[-1].lower()[:8] if "." in str(fname) else "_none"
+                toks.append("m:attach_ext:" + ext)
+        if not ctype.startswith("text/"):
+            continue
+        data = _payload_bytes(part, toks)
+        charset = _norm_charset(part.get_content_charset()) if part.get_param("charset") else ""
+        toks.append("c:" + (charset or "_none"))
+        if b"\x00" in data[:100000]:
+            toks.append("o:nul_bytes")
+            data = data.replace(b"\x00", b" ")
+        text, trouble = _decode_bytes(data[: MAX_PART_CHARS * 4], charset)
+        if trouble:
+            toks.append("x:charset_trouble")
+        if len(text) > MAX_PART_CHARS:
+            text = text[:MAX_PART_CHARS]
+            toks.append("x:part_truncated")
+        if ctype == "text/html" or (ctype != "text/plain" and "<html" in text[:2000].lower()):
+            has_html = True
+            text = html_to_text(text, toks, urls)
+        else:
+            has_plain = True
+            if re.search(r"<(?:html|body|a\s+href|font|table)\b", text[:20000], re.I):
+                toks.append("o:html_in_plain")
+        text = strip_list_footer(text)
+        for m in _URL_TEXT_RE.finditer(text[:100000]):
+            if len(urls) >= MAX_URLS * 2:
+                break
+            urls.append(m.group(0))
+        if words_left > 0:
+            words_left -= _text_features(text, toks, words_left)
+    if has_html and not has_plain:
+        toks.append("m:html_only")
+    toks.append(f"n:parts={_bucket(len(types))}")
+    toks.append(f"n:attach={_bucket(n_attach)}")
+    toks.append("m:struct:" + ",".join(types[:6]))
+    toks.append(f"n:words={_bucket(MAX_WORDS - words_left)}")
+    _url_features(urls, toks, from_rd)

@@ -1,0 +1,271 @@
+"""Streaming (out-of-core) training of the linear spam model.
+
+1. One pass over the sources: each message is parsed, tokenised and hashed; rows are written in
+   batches of ``batch_size`` to a temporary cache as sparse arrays (.npz, no pickle).  Each
+   message gets a fold number from its sha256, so splits are reproducible.
+2. Thresholds: for each fold an SGD logistic model is trained on the other folds (``partial_fit``
+   over shuffled cached batches, several epochs) and scores its fold.  The reject and tag
+   thresholds are read off these out-of-fold *ham* scores at the target false-reject rates; the
+   out-of-fold scores also give the metrics recorded in the model card.
+3. The final model is trained the same way on all messages and saved as arrays + card.
+
+Memory: one batch of rows, the weight vector (n_features float64) and one float per message.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from filterd.classify import corpus, evaluate
+from filterd.classify.features import extract_features
+from filterd.classify.model import SpamModel, sigmoid, vectorize, vectorizer_settings
+
+ProgressFactory = Callable[..., Any]
+
+
+@dataclass
+class TrainConfig:
+    n_features: int = 2**20
+    alpha: float = 1e-6  # L2 regularisation of SGDClassifier
+    epochs: int = 10
+    ham_weight: float = 2.0  # sample weight of ham relative to spam (false rejects cost more)
+    batch_size: int = 1000
+    folds: int = 5  # out-of-fold scoring for thresholds + card metrics
+    reject_fpr: float = 0.001  # target false-reject rate on held-out ham
+    tag_fpr: float = 0.01  # target false-tag rate on held-out ham
+    seed: int = 0
+    value_dtype: str = "float16"
+
+
+@dataclass
+class SourceInfo:
+    path: str
+    label: str
+    messages: int = 0
+    bytes: int = 0
+    digest: str = ""  # sha256 over the sha256 of each message, in order
+
+
+@dataclass
+class Cache:
+    dir: Path
+    batches: list[Path] = field(default_factory=list)
+    n: int = 0
+
+
+def _save_batch(
+    path: Path, X: sp.csr_matrix, y: np.ndarray, fold: np.ndarray, idx: np.ndarray
+) -> None:
+    np.savez(
+        path,
+        data=X.data,
+        indices=X.indices,
+        indptr=X.indptr,
+        shape=np.array(X.shape, dtype=np.int64),
+        y=y,
+        fold=fold,
+        idx=idx,
+    )
+
+
+def _load_batch(path: Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        X = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
+        return X, z["y"], z["fold"], z["idx"]
+
+
+def build_cache(
+    sources: Sequence[tuple[str, int]],
+    cache_dir: Path,
+    cfg: TrainConfig,
+    progress: ProgressFactory | None = None,
+) -> tuple[Cache, list[SourceInfo]]:
+    """Tokenise + hash every message of ``sources`` ((path, label) with 1 = spam) into batches."""
+    cache = Cache(cache_dir)
+    toks: list[list[str]] = []
+    ys: list[int] = []
+    folds: list[int] = []
+    total = corpus.count_messages([s for s, _ in sources])
+    bar = progress(total=total, desc="reading", unit="msg") if progress else None
+
+    def flush() -> None:
+        if not toks:
+            return
+        X = vectorize(toks, cfg.n_features)
+        p = cache_dir / f"batch{len(cache.batches):06d}.npz"
+        idx = np.arange(cache.n, cache.n + len(toks), dtype=np.int64)
+        _save_batch(p, X, np.array(ys, dtype=np.int8), np.array(folds, dtype=np.int16), idx)
+        cache.batches.append(p)
+        cache.n += len(toks)
+        toks.clear()
+        ys.clear()
+        folds.clear()
+
+    # Read all sources interleaved (chosen at random, weighted by their estimated remaining size)
+    # so every cached batch is a mixture of ham and spam: SGD on single-class batches does badly.
+    rng = np.random.default_rng(cfg.seed)
+    iters = [corpus.iter_messages(path) for path, _ in sources]
+    est = [max(1, corpus.count_messages([path])) for path, _ in sources]
+    aggs = [hashlib.sha256() for _ in sources]
+    infos = [
+        SourceInfo(path=str(path), label="spam" if label else "ham") for path, label in sources
+    ]
+    live = list(range(len(sources)))
+    while live:
+        rem = np.array([max(1, est[i] - infos[i].messages) for i in live], dtype=np.float64)
+        k = live[int(rng.choice(len(live), p=rem / rem.sum()))]
+        try:
+            _mid, raw = next(iters[k])
+        except StopIteration:
+            live.remove(k)
+            continue
+        h = hashlib.sha256(raw).digest()
+        aggs[k].update(h)
+        infos[k].messages += 1
+        infos[k].bytes += len(raw)
+        toks.append(extract_features(raw))
+        ys.append(sources[k][1])
+        folds.append(int.from_bytes(h[:4], "big") % max(1, cfg.folds))
+        if len(toks) >= cfg.batch_size:
+            flush()
+        if bar is not None:
+            bar.update(1)
+    for info, agg in zip(infos, aggs):  # noqa: B905
+        info.digest = agg.hexdigest()
+    flush()
+    if bar is not None:
+        bar.close()
+    return cache, infos
+
+
+def _iter_rows(
+    cache: Cache, rng: np.random.Generator, keep: Callable[[np.ndarray], np.ndarray] | None
+) -> Iterator[tuple[sp.csr_matrix, np.ndarray]]:
+    for bi in rng.permutation(len(cache.batches)):
+        X, y, fold, _ = _load_batch(cache.batches[bi])
+        m = keep(fold) if keep is not None else np.ones(len(y), dtype=bool)
+        rows = np.flatnonzero(m)
+        if rows.size == 0:
+            continue
+        rows = rng.permutation(rows)
+        yield X[rows], y[rows].astype(np.int64)
+
+
+def fit_sgd(
+    epoch_batches: Callable[[int], Iterator[tuple[sp.csr_matrix, np.ndarray]]],
+    n_features: int,
+    cfg: TrainConfig,
+) -> tuple[np.ndarray, float]:
+    """SGD logistic regression with partial_fit over ``epoch_batches(epoch)``; returns (coef, b)."""
+    from sklearn.linear_model import SGDClassifier
+
+    clf = SGDClassifier(loss="log_loss", penalty="l2", alpha=cfg.alpha, random_state=cfg.seed)
+    seen = False
+    for ep in range(cfg.epochs):
+        for X, y in epoch_batches(ep):
+            w = np.where(y == 0, cfg.ham_weight, 1.0)
+            clf.partial_fit(X, y, classes=np.array([0, 1]), sample_weight=w)
+            seen = True
+    if not seen:
+        raise ValueError("no training messages")
+    return clf.coef_.ravel().astype(np.float64), float(clf.intercept_[0])
+
+
+def _fit_on_cache(
+    cache: Cache, cfg: TrainConfig, exclude_fold: int | None
+) -> tuple[np.ndarray, float]:
+    rng = np.random.default_rng(cfg.seed)
+    keep = None if exclude_fold is None else (lambda f: f != exclude_fold)
+    return fit_sgd(lambda ep: _iter_rows(cache, rng, keep), cfg.n_features, cfg)
+
+
+def _oof_scores(
+    cache: Cache, cfg: TrainConfig, progress: ProgressFactory | None
+) -> tuple[np.ndarray, np.ndarray]:
+    y_all = np.zeros(cache.n, dtype=np.int8)
+    s_all = np.full(cache.n, np.nan)
+    bar = progress(total=cfg.folds, desc="threshold folds", unit="fold") if progress else None
+    for f in range(cfg.folds):
+        coef, b = _fit_on_cache(cache, cfg, exclude_fold=f)
+        for p in cache.batches:
+            X, y, fold, idx = _load_batch(p)
+            m = fold == f
+            y_all[idx] = y
+            if m.any():
+                s_all[idx[m]] = sigmoid(np.asarray(X[m] @ coef).ravel() + b)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return y_all, s_all
+
+
+def choose_thresholds(
+    ham_scores: np.ndarray, reject_fpr: float, tag_fpr: float
+) -> dict[str, float]:
+    reject = evaluate.select_threshold(ham_scores, reject_fpr)
+    tag = min(reject, evaluate.select_threshold(ham_scores, tag_fpr))
+    return {"reject": reject, "tag": tag}
+
+
+def train(
+    ham: Sequence[str],
+    spam: Sequence[str],
+    out: str | os.PathLike[str],
+    cfg: TrainConfig | None = None,
+    progress: ProgressFactory | None = None,
+    description: str = "",
+    tmp_dir: str | None = None,
+) -> dict[str, Any]:
+    """Train on ham/spam sources and write ``out/`` (model.npz + card.json). Returns the card."""
+    cfg = cfg or TrainConfig()
+    started = _dt.datetime.now(_dt.UTC)
+    sources = [(str(p), 0) for p in ham] + [(str(p), 1) for p in spam]
+    with tempfile.TemporaryDirectory(prefix="filterd-train-", dir=tmp_dir) as td:
+        cache, infos = build_cache(sources, Path(td), cfg, progress)
+        n_ham = sum(i.messages for i in infos if i.label == "ham")
+        n_spam = sum(i.messages for i in infos if i.label == "spam")
+        if n_ham < 2 or n_spam < 2:
+            raise ValueError(
+                f"need at least 2 ham and 2 spam messages (got {n_ham} ham, {n_spam} spam)"
+            )
+        if cfg.folds < 2:
+            raise ValueError("folds must be >= 2 (out-of-fold ham scores choose the thresholds)")
+        y, s = _oof_scores(cache, cfg, progress)
+        ok = ~np.isnan(s)
+        thresholds = choose_thresholds(s[ok & (y == 0)], cfg.reject_fpr, cfg.tag_fpr)
+        oof_metrics = evaluate.metrics(y[ok], s[ok], thresholds)
+        coef, b = _fit_on_cache(cache, cfg, exclude_fold=None)
+    card: dict[str, Any] = {
+        "created": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "description": description,
+        "model": {
+            "type": "linear logistic regression (sklearn SGDClassifier log_loss, partial_fit)",
+            "serving": "p = sigmoid(w . x + b) over hashed binary features, L2-normalised",
+            "train_config": asdict(cfg),
+        },
+        "features": vectorizer_settings(cfg.n_features),
+        "training_data": {
+            "ham_messages": n_ham,
+            "spam_messages": n_spam,
+            "sources": [asdict(i) for i in infos],
+        },
+        "thresholds": {
+            **thresholds,
+            "reject_target_fpr": cfg.reject_fpr,
+            "tag_target_fpr": cfg.tag_fpr,
+            "chosen_on": f"out-of-fold ham scores, {cfg.folds} folds split by message sha256",
+        },
+        "metrics": {"out_of_fold": oof_metrics},
+    }
+    return SpamModel.save(out, coef, b, card, value_dtype=cfg.value_dtype)
