@@ -39,6 +39,8 @@ Facts measured on Debian 12 (Postfix 3.7.11, ClamAV 1.4.6, Redis 7.0.15, rbldnsd
 * ``smtpd_peername_lookup = no``: otherwise smtpd would reverse-resolve each client address
   through /etc/resolv.conf, which points off the machine. With it, an XCLIENT session with
   ADDR but no NAME shows as ``unknown[ADDR]`` and sends no DNS packet (checked with strace).
+* Postfix commands print their errors only when stderr is a terminal (else they go to syslog,
+  absent here, and ``postfix start`` fails with no message at all): they run with a pty.
 * With an unreachable milter and ``milter_default_action = tempfail`` the banner is still 220;
   the session gets ``451 4.7.1 Service unavailable`` at MAIL FROM.
 * A Postfix master is not our child and PID 1 here does not reap it: after ``postfix stop``
@@ -51,8 +53,10 @@ import atexit
 import contextlib
 import ipaddress
 import os
+import pty
 import pwd
 import re
+import select
 import shutil
 import signal
 import smtplib
@@ -1195,14 +1199,44 @@ class PostfixServer(_Stoppable):
             os.utime(self.confdir / name, (past, past))
 
     def _postfix(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [_find_program("postfix"), "-c", str(self.confdir), *args],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            env=_CHILD_ENV,
-            timeout=timeout,
-            check=False,
+        """Run ``postfix -c CONFDIR ARGS``, its messages collected in ``stderr``.
+
+        Postfix commands log to stderr only when it is a terminal; otherwise a config error
+        goes to syslog, which does not exist here, and ``postfix start`` fails silently. So
+        stderr is a pseudo-terminal.
+        """
+        cmd = [_find_program("postfix"), "-c", str(self.confdir), *args]
+        primary, secondary = pty.openpty()
+        try:
+            proc = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=secondary,
+                env=_CHILD_ENV,
+                timeout=timeout,
+                check=False,
+            )
+            os.close(secondary)
+            secondary = -1
+            messages = b""
+            while select.select([primary], [], [], 0)[0]:
+                try:
+                    chunk = os.read(primary, 65536)
+                except OSError:  # EIO: no writer left
+                    break
+                if not chunk:
+                    break
+                messages += chunk
+        finally:
+            if secondary >= 0:
+                os.close(secondary)
+            os.close(primary)
+        return subprocess.CompletedProcess(
+            cmd,
+            proc.returncode,
+            proc.stdout.decode("utf-8", "replace"),
+            messages.decode("utf-8", "replace").replace("\r\n", "\n"),
         )
 
     def _read_master_pid(self) -> int | None:

@@ -156,7 +156,7 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
     @_guarded
     def envrcpt(self, to: str, *params: str) -> int:
         rcpt = _clean_addr(to)
-        first_class = self.accepted[0].exempt if self.accepted else None
+        first_class = self.accepted[0].policy_class if self.accepted else None
         decision = self.runtime.pipeline.judge_recipient(self.envelope, rcpt, first_class)
         if decision.action is Action.ACCEPT:
             self.accepted.append(decision)

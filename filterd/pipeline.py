@@ -129,9 +129,10 @@ class Pipeline:
         timings: dict[str, float] = {}
         findings: list[Finding] = []
         # Sequential in configured order: an allowlist match early saves the
-        # blocklist lookups that it would make irrelevant.
+        # blocklist lookups that it would make irrelevant -- unless the match is
+        # provisional, when their findings count if it is cancelled at end of message.
         for check in self.recipient_checks:
-            if check.bypassable and policy.is_exempt(findings):
+            if check.bypassable and policy.policy_class(findings) == "exempt":
                 continue
             findings.extend(
                 self._run([(check, _bind_rcpt(check, envelope, recipient))], deadline, timings)
@@ -139,10 +140,10 @@ class Pipeline:
         return findings
 
     def judge_recipient(
-        self, envelope: Envelope, recipient: str, accepted_exempt: bool | None
+        self, envelope: Envelope, recipient: str, accepted_class: str | None
     ) -> RecipientDecision:
         findings = self.recipient_findings(envelope, recipient)
-        return policy.decide_recipient(recipient, findings, self.settings.policy, accepted_exempt)
+        return policy.decide_recipient(recipient, findings, self.settings.policy, accepted_class)
 
     def judge_message(self, message: Message, rcpt_findings: Sequence[Finding]) -> Decision:
         """Content decision; ``rcpt_findings`` are those of the accepted recipients."""

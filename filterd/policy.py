@@ -38,6 +38,8 @@ GENERIC_SPAM_REPLY = SmtpReply(550, "5.7.1", "Message refused as spam")
 GENERIC_TEMPFAIL = SmtpReply(
     451, "4.7.1", "Temporary failure in content filtering; try again later"
 )
+# Findings that mean "accepted without that check having looked" (fail-open settings).
+UNCHECKED_CODES = frozenset({"CLAMAV_OVERSIZE", "ENCRYPTED_ARCHIVE", "ARCHIVE_UNINSPECTABLE"})
 OVERSIZE_REPLIES = {
     Action.REJECT: SmtpReply(552, "5.3.4", "Message too big for the content filter"),
     Action.TEMPFAIL: SmtpReply(452, "4.3.1", "Message too big to filter now; try again later"),
@@ -47,6 +49,15 @@ OVERSIZE_REPLIES = {
 def is_exempt(findings: Iterable[Finding]) -> bool:
     effects = {f.effect for f in findings}
     return Effect.EXEMPT in effects and Effect.UNEXEMPT not in effects
+
+
+def policy_class(findings: Sequence[Finding]) -> str:
+    """Which transaction a recipient may share: exempt, provisionally exempt
+    (may be cancelled at end of message) or filtered."""
+    exemptions = [f for f in findings if f.effect is Effect.EXEMPT]
+    if not exemptions or not is_exempt(findings):
+        return "filtered"
+    return "exempt" if any(not f.provisional for f in exemptions) else "provisional"
 
 
 def _first(
@@ -90,15 +101,15 @@ def decide_recipient(
     recipient: str,
     findings: Sequence[Finding],
     cfg: PolicyConfig,
-    accepted_exempt: bool | None,
+    accepted_class: str | None,
 ) -> RecipientDecision:
-    """Decide one RCPT TO. ``accepted_exempt`` is the class of the first
+    """Decide one RCPT TO. ``accepted_class`` is the policy class of the first
     recipient already accepted in this transaction (None if there is none)."""
-    exempt = is_exempt(findings)
+    klass = policy_class(findings)
     action, reply, code, _ = _judge(findings, cfg)
-    if action is Action.ACCEPT and accepted_exempt is not None and accepted_exempt != exempt:
+    if action is Action.ACCEPT and accepted_class is not None and accepted_class != klass:
         action, reply, code = Action.TEMPFAIL, SPLIT_REPLY, "SPLIT_RECIPIENTS"
-    return RecipientDecision(recipient, action, reply, exempt, tuple(findings), code)
+    return RecipientDecision(recipient, action, reply, klass, tuple(findings), code)
 
 
 def decide_message(
@@ -128,7 +139,14 @@ def decide_message(
             headers.append(("X-Spam-Flag", "YES"))
         if cfg.add_score_header:
             headers.append(("X-Spam-Score", f"{score:.1f}"))
-        failed = sorted({f.check for f in findings if f.code.endswith("_FAIL")})
+        failed = sorted(
+            {
+                f.check
+                for f in findings
+                if f.code.endswith("_FAIL")
+                or (f.effect is Effect.SCORE and f.code in UNCHECKED_CODES)
+            }
+        )
         if failed:
             headers.append(("X-Filterd-Unchecked", ", ".join(failed)))
     return Decision(action, reply, code, tuple(findings), tuple(headers), probability)

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from filterd.checks.base import Services
 from filterd.pipeline import Pipeline, build_checks
@@ -50,6 +52,9 @@ class Runtime:
                 socket_timeout=settings.redis.socket_timeout,
                 socket_connect_timeout=settings.redis.socket_timeout,
                 health_check_interval=30,
+                # One quick retry: redis-py's default backoff spends ~4 s on a dead
+                # server, half the RCPT budget, before the check can tempfail.
+                retry=Retry(NoBackoff(), 1),
             )
             if url
             else None

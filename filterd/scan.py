@@ -19,7 +19,7 @@ def scan_bytes(runtime: Runtime, raw: bytes, envelope: Envelope) -> dict[str, An
     accepted: list[RecipientDecision] = []
     refused: list[RecipientDecision] = []
     for rcpt in envelope.recipients:
-        first_class = accepted[0].exempt if accepted else None
+        first_class = accepted[0].policy_class if accepted else None
         decision = pipeline.judge_recipient(envelope, rcpt, first_class)
         (accepted if decision.action is Action.ACCEPT else refused).append(decision)
     per_rcpt = [

@@ -65,7 +65,7 @@ class MilterConfig(Section):
 
 class PipelineConfig(Section):
     recipient_checks: list[str] = ["allowlist", "dnsbl"]
-    message_checks: list[str] = ["antivirus", "attachments", "uribl", "classifier"]
+    message_checks: list[str] = ["allowlist", "antivirus", "attachments", "uribl", "classifier"]
     # Overall time for all checks of one phase; well below Postfix's
     # milter_content_timeout (300 s) and milter_command_timeout (30 s).
     rcpt_budget_seconds: float = 8.0

@@ -72,6 +72,9 @@ class Finding:
     reply: SmtpReply | None = None
     bypassable: bool = True
     spam_probability: float | None = None
+    # EXEMPT only: the exemption holds only if verified at end of message (strict
+    # allowlist mode), so the checks it would skip must still run.
+    provisional: bool = False
 
     def as_reason(self) -> dict[str, str]:
         return {"check": self.check, "code": self.code, "detail": self.detail}
@@ -192,9 +195,14 @@ class RecipientDecision:
     recipient: str
     action: Action
     reply: SmtpReply | None
-    exempt: bool
+    # "filtered", "exempt" or "provisional": recipients of one transaction share it.
+    policy_class: str
     findings: tuple[Finding, ...] = ()
     reason_code: str = "OK"
+
+    @property
+    def exempt(self) -> bool:
+        return self.policy_class != "filtered"
 
 
 @dataclass(frozen=True)

@@ -153,3 +153,16 @@ def test_odd_bytes_make_a_message(raw: bytes) -> None:
     m = Message.from_bytes(raw, ENV)
     assert m.raw == raw
     m.header("Subject")  # must not raise
+
+
+def test_provisional_exemption_still_runs_the_blocklists(tmp_path: Path) -> None:
+    provisional = Finding(
+        "allow", "ALLOWLIST_MATCH", effect=Effect.EXEMPT, bypassable=False, provisional=True
+    )
+    allow = FakeCheck("allow", bypassable=False, findings=[provisional])
+    dnsbl = FakeCheck("dnsbl", findings=[Finding("dnsbl", "DNSBL_X", score=50)])
+    p = make(tmp_path, [allow, dnsbl], [])
+    d = p.judge_recipient(ENV, "u@example.org", None)
+    assert d.action is Action.ACCEPT and d.policy_class == "provisional"
+    assert dnsbl.calls == ["u@example.org"]
+    assert any(f.code == "DNSBL_X" for f in d.findings)

@@ -117,13 +117,23 @@ def test_oversize_message_gets_the_configured_verdict(action: str) -> None:
 def test_recipient_split_when_classes_differ() -> None:
     first = policy.decide_recipient("a@example.org", [EXEMPT], CFG, None)
     assert first.action is Action.ACCEPT and first.exempt
-    second = policy.decide_recipient("b@example.org", [], CFG, first.exempt)
+    second = policy.decide_recipient("b@example.org", [], CFG, first.policy_class)
     assert second.action is Action.TEMPFAIL
     assert str(second.reply).startswith("452 4.5.3")
-    same = policy.decide_recipient("c@example.org", [EXEMPT], CFG, first.exempt)
+    same = policy.decide_recipient("c@example.org", [EXEMPT], CFG, first.policy_class)
     assert same.action is Action.ACCEPT
 
 
 def test_refused_recipient_is_not_split_but_refused() -> None:
-    d = policy.decide_recipient("b@example.org", [listed(10)], CFG, True)
+    d = policy.decide_recipient("b@example.org", [listed(10)], CFG, "exempt")
     assert d.action is Action.REJECT and d.reason_code == "DNSBL_ZEN"
+
+
+def test_provisional_exemption_is_its_own_transaction_class() -> None:
+    provisional = Finding(
+        "allowlist", "ALLOWLIST_MATCH", effect=Effect.EXEMPT, bypassable=False, provisional=True
+    )
+    first = policy.decide_recipient("a@example.org", [provisional], CFG, None)
+    assert first.policy_class == "provisional" and first.exempt
+    mixed = policy.decide_recipient("b@example.org", [EXEMPT], CFG, first.policy_class)
+    assert mixed.action is Action.TEMPFAIL and mixed.reason_code == "SPLIT_RECIPIENTS"

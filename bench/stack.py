@@ -1,0 +1,337 @@
+"""The bench's private mail stack: Redis, clamd, rbldnsd, smtp-sink, Postfix, filterd.
+
+Why a module of its own: the benchmark must measure what an operator runs,
+so it starts the real programs with the project's launchers
+(``filterd.devservers``) and the real daemon as ``tests/helpers_daemon.py``
+does, and only adds what a bench needs on top: a sink that does not write
+every message to disk, a daemon on a TCP socket as well as a unix one, the
+daemon's peak RSS, and one Postfix instance per configuration so the same
+load can alternate between them without reconfiguring anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from filterd.devservers import (  # noqa: E402
+    LOOPBACK,
+    ClamdServer,
+    PostfixServer,
+    RbldnsdServer,
+    RedisServer,
+    SmtpSink,
+    free_port,
+    project_signature_dir,
+)
+from tests.helpers_daemon import DaemonProcess  # noqa: E402
+
+# Zones shaped like Spamhaus ZEN (IP) and DBL (domains); the shipped list
+# definitions in rules/filterd.toml are used unchanged, only the nameserver
+# points at this rbldnsd. Nothing the bench sends is listed except on purpose.
+ZEN_DATA = """\
+:127.0.0.2:Listed by SBL (bench)
+127.0.0.2
+192.0.2.0/26
+:127.0.0.4:Listed by XBL (bench)
+192.0.2.64/26
+:127.0.0.10:Listed by PBL (bench)
+192.0.2.128/25
+"""
+DBL_DATA = """\
+:127.0.1.2:Listed by DBL (bench)
+dbltest.com
+spam-sender.example
+"""
+
+
+class QuietSink(SmtpSink):
+    """smtp-sink without ``-d``: a bench delivers GBs that no one needs to read back."""
+
+    def _command(self) -> list[str]:
+        cmd = super()._command()
+        i = cmd.index("-d")
+        return cmd[:i] + cmd[i + 2 :]
+
+
+class BenchDaemon(DaemonProcess):
+    """The real daemon on a unix socket (helpers_daemon's default) or on loopback TCP.
+
+    ``reply_events`` (e.g. "header,body") runs it through bench/milter_variants.py,
+    which makes Postfix wait for a reply to those events: a proposal measured
+    on the real daemon without editing filterd/.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        config: Path,
+        kind: str,
+        reply_events: str = "",
+        nodelay: bool = False,
+    ) -> None:
+        self.kind = kind
+        self.port = free_port() if kind == "inet" else 0
+        env = {}
+        if kind == "inet":
+            env["FILTERD_MILTER_SOCKET"] = f"inet:{self.port}@{LOOPBACK}"
+        if reply_events:
+            env["BENCH_MILTER_REPLY"] = reply_events
+        if nodelay and kind == "inet":
+            env["BENCH_MILTER_NODELAY_PORT"] = str(self.port)
+        self.variant = bool(reply_events) or (nodelay and kind == "inet")
+        super().__init__(workdir, config, env)
+
+    def start(self, timeout: float = 30.0) -> BenchDaemon:
+        if not self.variant:
+            super().start(timeout)
+            return self
+        # DaemonProcess.start's pattern, through the variant entry point.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FILTERD_")}
+        env.update({"FILTERD_MILTER_SOCKET": f"unix:{self.socket_path}", **self.env})
+        env["PYTHONUNBUFFERED"] = "1"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.workdir, 0o755)
+        variant = Path(__file__).with_name("milter_variants.py")
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(variant), "serve", "--config", str(self.config)],
+                cwd=ROOT, env=env, stdout=log, stderr=log,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"filterd exited at start:\n{self.log()[-3000:]}")
+            if self._answers():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"filterd did not listen in {timeout}s:\n{self.log()[-3000:]}")
+
+    @property
+    def milter_for_postfix(self) -> str:
+        if self.kind == "inet":
+            return f"inet:{LOOPBACK}:{self.port}"
+        return super().milter_for_postfix
+
+    def _answers(self) -> bool:
+        if self.kind != "inet":
+            return super()._answers()
+        try:
+            with socket.create_connection((LOOPBACK, self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss_kb(self) -> tuple[int, int]:
+        """(current VmRSS, peak VmHWM) in KiB, from /proc."""
+        fields = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0])
+        return fields["VmRSS"], fields["VmHWM"]
+
+    def reset_peak(self) -> bool:
+        """Reset VmHWM to the current RSS (Linux clear_refs 5); False if not allowed."""
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def judged_since(self, offset: int) -> list[dict[str, Any]]:
+        """The daemon's "message judged" lines written after byte ``offset``."""
+        with self.log_path.open("rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+        out = []
+        for line in data.splitlines():
+            if b'"message judged"' not in line:
+                continue
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def write_toml(path: Path, data: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for section, keys in data.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml(value)}" for key, value in keys.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def model_available() -> bool:
+    """A promoted classifier model exists (models/ACTIVE names a directory)."""
+    active = ROOT / "models" / "ACTIVE"
+    return active.is_file() and (ROOT / "models" / active.read_text().strip()).is_dir()
+
+
+def daemon_settings(
+    state: Path, redis_url: str, clamd: str, nameserver: str, classifier: bool, dns_cache: bool
+) -> dict[str, dict[str, Any]]:
+    """The shipped rules/filterd.toml with every check on, pointed at the bench's servers."""
+    data: dict[str, dict[str, Any]] = tomllib.loads((ROOT / "rules" / "filterd.toml").read_text())
+    data["daemon"].update(state_dir=str(state), log_level="info")
+    data["redis"]["url"] = redis_url
+    data["clamav"]["address"] = clamd
+    message_checks = ["antivirus", "attachments", "uribl"] + (["classifier"] if classifier else [])
+    data["pipeline"].update(recipient_checks=["allowlist", "dnsbl"], message_checks=message_checks)
+    data["records"]["enabled"] = True
+    for section in ("dnsbl", "uribl"):
+        data[section]["nameservers"] = nameserver
+        if not dns_cache:
+            # Every message pays its lookups, as mail from ever new senders does.
+            data[section].update(cache_max_ttl=0.0, cache_negative_ttl=0.0)
+    # The load comes from 127.0.0.1; look it up anyway so the IP list costs what it costs.
+    data["dnsbl"]["skip_private"] = False
+    return data
+
+
+@dataclass(frozen=True)
+class Target:
+    """One way of receiving mail: a Postfix instance, with or without a filterd milter.
+
+    ``daemon`` names a DaemonSpec (None: no milter, the ceiling); ``postfix``
+    adds main.cf settings for this instance only (e.g. milter_protocol = 2).
+    """
+
+    name: str
+    daemon: str | None = None
+    postfix: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class DaemonSpec:
+    name: str
+    kind: str  # "unix" | "inet"
+    reply_events: str = ""  # see BenchDaemon
+    nodelay: bool = False  # TCP_NODELAY on the listener (bench/milter_variants.py)
+
+
+@dataclass
+class Stack:
+    base: Path
+    redis: RedisServer
+    clamd: ClamdServer
+    rbldnsd: RbldnsdServer
+    sink: QuietSink
+    postfix: dict[str, PostfixServer] = field(default_factory=dict)
+    daemons: dict[str, BenchDaemon] = field(default_factory=dict)
+    targets: dict[str, Target] = field(default_factory=dict)
+    config: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def daemon_of(self, target: str) -> BenchDaemon | None:
+        name = self.targets[target].daemon
+        return None if name is None else self.daemons[name]
+
+
+POSTFIX_EXTRA = {
+    # The load is the point: no per-client limits between the bench and Postfix.
+    "smtpd_client_connection_count_limit": "0",
+    "smtpd_client_connection_rate_limit": "0",
+    "default_process_limit": "200",
+}
+
+
+@contextlib.contextmanager
+def running_stack(
+    base: Path,
+    daemons: list[DaemonSpec],
+    targets: list[Target],
+    classifier: bool,
+    dns_cache: bool = False,
+) -> Iterator[Stack]:
+    """Every server of the bench, started in dependency order and stopped in reverse."""
+    with contextlib.ExitStack() as es:
+        redis = es.enter_context(RedisServer(base / "redis", unix_socket=True))
+        clamd = es.enter_context(
+            ClamdServer(base / "clamd", project_signature_dir(), unix_socket=True)
+        )
+        rbl = es.enter_context(
+            RbldnsdServer(
+                base / "rbldnsd",
+                [("zen.spamhaus.org", "ip4set", ZEN_DATA), ("dbl.spamhaus.org", "dnset", DBL_DATA)],
+                ttl=300,
+                log_queries=False,
+            )
+        )
+        sink = es.enter_context(QuietSink(base / "sink"))
+        stack = Stack(base, redis, clamd, rbl, sink)
+        stack.config = daemon_settings(
+            base / "state", redis.url, clamd.address, rbl.nameserver, classifier, dns_cache
+        )
+        cfg = write_toml(base / "filterd.toml", stack.config)
+        for spec in daemons:
+            daemon = BenchDaemon(
+                base / f"daemon-{spec.name}", cfg, spec.kind, spec.reply_events, spec.nodelay
+            )
+            es.callback(daemon.stop)
+            daemon.start(timeout=60)
+            stack.daemons[spec.name] = daemon
+        for target in targets:
+            milter = None if target.daemon is None else stack.daemons[target.daemon]
+            server = PostfixServer(
+                base / f"pf-{target.name}",
+                sink.port,
+                milter=None if milter is None else milter.milter_for_postfix,
+                milter_default_action="reject",
+                extra_main_cf={**POSTFIX_EXTRA, **dict(target.postfix)},
+            )
+            stack.postfix[target.name] = es.enter_context(server)
+            stack.targets[target.name] = target
+        yield stack
+
+
+def queue_size(postfix: PostfixServer) -> int:
+    """Messages still in this instance's queue (not yet relayed to the sink)."""
+    total = 0
+    for name in ("maildrop", "incoming", "active", "deferred", "hold"):
+        for _dirpath, _dirs, files in os.walk(postfix.queue_dir / name):
+            total += len(files)
+    return total
+
+
+def wait_queue_empty(postfix: PostfixServer, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if queue_size(postfix) == 0:
+            return True
+        time.sleep(0.05)
+    return False

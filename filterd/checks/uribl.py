@@ -1,0 +1,133 @@
+"""End-of-message domain blocklist check: the From: header domain and the
+registered domains of links in text and HTML bodies (URIBL).
+
+Spam that gets past IP reputation usually still advertises a listed domain.
+Lookups are bounded per message (``max_uri_lookups``, first-seen order after
+removing duplicates and ``skip_domains``), run concurrently within ``budget``,
+and fail open like the RCPT-time lists.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from email.utils import getaddresses
+from typing import Any, Literal
+
+from pydantic import field_validator
+
+from filterd.checks.base import Services
+from filterd.dnsbl.engine import Engine, Subject, domain_subject
+from filterd.dnsbl.links import link_domains, registered_domain
+from filterd.dnsbl.lists import CodeRule, ListConfig, ResolverSettings, split_list
+from filterd.settings import Settings
+from filterd.types import Finding, Message
+
+SECTION = "uribl"
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTS = [
+    ListConfig(
+        id="DBL",
+        zone="dbl.spamhaus.org",
+        type="domain",
+        targets=["from", "body"],
+        rules=[
+            CodeRule(name="SPAM", match="127.0.1.[2..99]", weight=10),
+            CodeRule(name="ABUSED", match="127.0.1.[102..199]", weight=3),
+        ],
+        errors=["127.0.1.255", "127.255.255.[0..255]"],
+        test_entry="dbltest.com",
+    ),
+]
+
+
+class Config(ResolverSettings):
+    budget: float = 5.0
+    # At most this many distinct link domains are looked up per message.
+    max_uri_lookups: int = 20
+    check_from: bool = True
+    check_body: bool = True
+    # Registered domains never looked up (your own domains, busy safe ones):
+    # saves lookups and keeps them from crowding out the rest.
+    skip_domains: list[str] = []
+    lists: list[ListConfig] = DEFAULT_LISTS
+
+    @field_validator("skip_domains", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return split_list(value)
+
+    @field_validator("max_uri_lookups")
+    @classmethod
+    def _bound(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be 0 or more")
+        return value
+
+
+def from_domains(message: Message) -> list[str]:
+    """Registered domains of the From: header's addresses (usually one)."""
+    value = message.header("From")
+    if not value:
+        return []
+    domains: list[str] = []
+    for _, address in getaddresses([value]):
+        if "@" in address:
+            domain = registered_domain(address.rsplit("@", 1)[1])
+            if domain and domain not in domains:
+                domains.append(domain)
+    return domains
+
+
+class UriblCheck:
+    name = "uribl"
+    bypassable = True
+    gate = False
+
+    def __init__(self, config: Config, engine: Engine | None = None) -> None:
+        self.config = config
+        self.on_failure: Literal["tempfail", "accept"] = config.on_failure
+        self.engine = engine or Engine(config, check="uribl", prefix="URIBL")
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def stats(self) -> dict[str, int]:
+        return self.engine.stats()
+
+    def selftest(self) -> list[str]:
+        return self.engine.selftest() if self.config.enabled else []
+
+    def subjects(self, message: Message) -> list[Subject]:
+        subjects: list[Subject] = []
+        skip = {d.lower().rstrip(".") for d in self.config.skip_domains}
+        if self.config.check_from and self.engine.serves("from"):
+            subjects += [domain_subject("from", d) for d in from_domains(message) if d not in skip]
+        if self.config.check_body and self.engine.serves("body") and self.config.max_uri_lookups:
+            try:
+                domains = link_domains(message.parsed, skip)
+            except Exception as exc:  # noqa: BLE001 - a malformed MIME tree is not a failure
+                log.info("uribl: cannot read the message body: %s", type(exc).__name__)
+                domains = []
+            if len(domains) > self.config.max_uri_lookups:
+                self.engine.count("uri_lookups_capped")
+            subjects += [domain_subject("body", d) for d in domains[: self.config.max_uri_lookups]]
+        return subjects
+
+    def check_message(self, message: Message, exempt: bool) -> Sequence[Finding]:
+        if exempt or not self.config.enabled or not self.engine.lists:
+            return []
+        return self.engine.evaluate(self.subjects(message), self.config.budget)
+
+
+def build(config: Config, services: Services | None = None) -> UriblCheck:
+    return UriblCheck(config)
+
+
+def selftest(config: Config | Settings) -> list[str]:
+    """See filterd.checks.dnsbl.selftest; with Settings, checks [dnsbl] and [uribl]."""
+    from filterd.checks import dnsbl
+
+    return dnsbl.selftest(config)
