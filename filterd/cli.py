@@ -15,6 +15,7 @@ import click
 
 from filterd.logsetup import setup_logging
 from filterd.pipeline import CheckBuildError
+from filterd.records.logfilter import install_from_config as install_logfilter
 from filterd.scan import scan_bytes
 from filterd.settings import ConfigError, load_settings
 
@@ -44,6 +45,7 @@ def serve(config: Path | None) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     setup_logging(settings.daemon.log_level)
+    install_logfilter(settings.section("records"))
     try:
         code = Daemon(config).run()
     except (ConfigError, CheckBuildError) as exc:
@@ -102,22 +104,12 @@ def scan(
 
 
 def _register_owned_commands() -> None:
-    import importlib
+    from filterd.allowlist.cli import allow, api
+    from filterd.classify.cli import evaluate, model, train
+    from filterd.records.cli import records, stats
 
-    owned = {
-        "filterd.classify.cli": ("train", "evaluate", "model"),
-        "filterd.allowlist.cli": ("allow", "api"),
-        "filterd.records.cli": ("records", "stats"),
-    }
-    for modname, names in owned.items():
-        try:
-            module = importlib.import_module(modname)
-        except ModuleNotFoundError as exc:  # TODO(lead): remove once every owner has landed
-            if exc.name != modname:
-                raise
-            continue
-        for name in names:
-            main.add_command(getattr(module, name))
+    for command in (train, evaluate, model, allow, api, records, stats):
+        main.add_command(command)
 
 
 _register_owned_commands()

@@ -143,7 +143,7 @@ def decide_message(
             {
                 f.check
                 for f in findings
-                if f.code.endswith("_FAIL")
+                if f.code.endswith(("_FAIL", "_UNAVAILABLE"))
                 or (f.effect is Effect.SCORE and f.code in UNCHECKED_CODES)
             }
         )

@@ -44,16 +44,16 @@ def scan_bytes(runtime: Runtime, raw: bytes, envelope: Envelope) -> dict[str, An
     message = Message.from_bytes(
         raw, replace(envelope, recipients=tuple(d.recipient for d in accepted))
     )
-    decision = pipeline.judge_message(message, [f for d in accepted for f in d.findings])
+    verdict = pipeline.judge_message(message, [f for d in accepted for f in d.findings])
     return {
-        "action": decision.action.value,
-        "smtp_reply": _reply(decision.reply),
-        "reason_code": decision.reason_code,
-        "spam_score": decision.spam_score,
-        "reasons": decision.reasons,
-        "headers": [f"{k}: {v}" for k, v in decision.add_headers],
+        "action": verdict.action.value,
+        "smtp_reply": _reply(verdict.reply),
+        "reason_code": verdict.reason_code,
+        "spam_score": verdict.spam_score,
+        "reasons": verdict.reasons,
+        "headers": [f"{k}: {v}" for k, v in verdict.add_headers],
         "recipients": per_rcpt,
-        "timings_ms": {k: round(v * 1000, 2) for k, v in decision.timings.items()},
+        "timings_ms": {k: round(v * 1000, 2) for k, v in verdict.timings.items()},
     }
 
 

@@ -115,12 +115,7 @@ def section_models() -> dict[str, type[Section]]:
     models: dict[str, type[Section]] = dict(_CORE_SECTIONS)
     names = [f"filterd.checks.{m.name}" for m in pkgutil.iter_modules(checks_pkg.__path__)]
     for modname in names + list(_EXTRA_SECTION_MODULES):
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as exc:
-            if exc.name and modname.startswith(exc.name):  # TODO(lead): strict once all land
-                continue
-            raise
+        mod = importlib.import_module(modname)
         section = getattr(mod, "SECTION", None)
         config = getattr(mod, "Config", None)
         if section and config is not None:

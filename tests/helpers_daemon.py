@@ -62,7 +62,10 @@ class DaemonProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "filterd", "serve", "--config", str(self.config)],
-            cwd=ROOT, env=env, stdout=log, stderr=log,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=log,
         )
         log.close()
         deadline = time.monotonic() + timeout

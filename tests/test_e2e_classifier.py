@@ -28,24 +28,39 @@ def test_promote_under_load_every_message_gets_a_verdict(tmp_path: Path) -> None
     shutil.copytree(PROJECT_ROOT / "models" / shipped, models / shipped)
     registry.promote(models, shipped)
     corpus = make_corpus(base / "corpus")
-    train([corpus["ham_md"], corpus["ham_plain"]], [corpus["spam_mbox"], corpus["spam_plain"]],
-          models / "tiny", SMALL_CFG)
+    train(
+        [corpus["ham_md"], corpus["ham_plain"]],
+        [corpus["spam_mbox"], corpus["spam_plain"]],
+        models / "tiny",
+        SMALL_CFG,
+    )
 
-    cfg = write_config(base / "filterd.toml", {
-        "pipeline": {"recipient_checks": [], "message_checks": ["classifier"]},
-        # The tiny model's own thresholds sit right at its training scores; fixed
-        # thresholds make the test about the swap, not about that model's calibration.
-        "classifier": {"models_dir": str(models), "reload_check_seconds": 0.2,
-                       "reject_threshold": 0.5, "tag_threshold": 0.4},
-        "records": {"enabled": False},
-        "daemon": {"state_dir": str(base / "state")},
-    })
+    cfg = write_config(
+        base / "filterd.toml",
+        {
+            "pipeline": {"recipient_checks": [], "message_checks": ["classifier"]},
+            # The tiny model's own thresholds sit right at its training scores; fixed
+            # thresholds make the test about the swap, not about that model's calibration.
+            "classifier": {
+                "models_dir": str(models),
+                "reload_check_seconds": 0.2,
+                "reject_threshold": 0.5,
+                "tag_threshold": 0.4,
+            },
+            "records": {"enabled": False},
+            "daemon": {"state_dir": str(base / "state")},
+        },
+    )
     rng = random.Random(7)
     spam = _msg(1001, True, rng)
     ham = _msg(1002, False, rng)
-    with SmtpSink(base / "sink") as sink, DaemonProcess(base / "d", cfg) as daemon, \
-            PostfixServer(base / "pf", sink.port, milter=daemon.milter_for_postfix,
-                          milter_default_action="reject") as postfix:
+    with (
+        SmtpSink(base / "sink") as sink,
+        DaemonProcess(base / "d", cfg) as daemon,
+        PostfixServer(
+            base / "pf", sink.port, milter=daemon.milter_for_postfix, milter_default_action="reject"
+        ) as postfix,
+    ):
         codes: list[int] = []
         stop = threading.Event()
 

@@ -30,8 +30,12 @@ log = logging.getLogger("filterd.classify")
 
 
 def models_dir(path: str | os.PathLike[str] | None = None) -> Path:
-    """``path``, else $FILTERD_CLASSIFIER_MODELS_DIR, else ``models/`` relative to cwd."""
-    return Path(path or os.environ.get(ENV_MODELS_DIR) or "models")
+    """``path``, else $FILTERD_CLASSIFIER_MODELS_DIR, else the project's ``models/`` --
+    the same directory the daemon's ``[classifier] models_dir`` default points at,
+    so `filterd model promote` from any directory promotes what the daemon serves."""
+    from filterd.settings import resolve_path
+
+    return resolve_path(path or os.environ.get(ENV_MODELS_DIR) or "models")
 
 
 def check_name(name: str) -> str:
