@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -22,6 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 NOREPLY_CAPABLE = (
     "connect", "hello", "envfrom", "envrcpt", "header", "body", "eoh", "data", "unknown",
 )  # fmt: skip
+
+
+def _plain(name: str, inner: Callable[..., int]) -> Callable[..., int]:
+    def callback(self: object, *args: object) -> int:
+        return inner(self, *args)
+
+    callback.__name__ = callback.__qualname__ = name
+    return callback
 
 
 def require_replies(names: list[str]) -> list[str]:
@@ -33,10 +42,11 @@ def require_replies(names: list[str]) -> list[str]:
         if name not in NOREPLY_CAPABLE:
             raise SystemExit(f"BENCH_MILTER_REPLY: {name!r} is not a no-reply capable callback")
         func = getattr(FilterdMilter, name)
-        # Milter.noreply/nocallback set milter_protocol on their wrapper; the wrapped
-        # function has none, so the MTA is asked to send the event and wait for the reply.
+        # Milter.noreply/nocallback mark their wrapper with milter_protocol (nocallback marks
+        # the wrapped function too), so a fresh function without the mark replaces it: the
+        # MTA is then asked to send the event and to wait for its reply.
         if getattr(func, "milter_protocol", 0) and hasattr(func, "__wrapped__"):
-            setattr(FilterdMilter, name, func.__wrapped__)
+            setattr(FilterdMilter, name, _plain(name, func.__wrapped__))
             changed.append(name)
     FilterdMilter.__dict__.get("_protocol_mask") and delattr(FilterdMilter, "_protocol_mask")
     return changed

@@ -29,7 +29,9 @@ IP_MASK = "[ip]"
 REMOVED = "[removed]"
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-_EMAIL = re.compile(r"[^\s@<>()\[\]{}\"',;:/=]+@[^\s@<>()\[\]{}\"',;:/=]+")
+# The domain part needs a letter: "8894@127.0.0.1" (a libmilter socket) is not an address.
+_ADDR_CH = r"[^\s@<>()\[\]{}\"',;:/=]"
+_EMAIL = re.compile(rf"{_ADDR_CH}+@{_ADDR_CH}*[A-Za-z]{_ADDR_CH}*")
 _IPV4 = re.compile(r"(?<![\w.])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?!\.?\w)")
 # Candidates only (hex groups and colons, maybe an embedded IPv4); ipaddress decides.
 _IPV6 = re.compile(
