@@ -224,3 +224,32 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path: Path, stack: dict) -> None:
     daemon = DaemonProcess(base / "d", cfg).start()
     assert daemon.stop() == 0
     assert '"msg": "stopped"' in daemon.log()
+
+
+@pytest.mark.parametrize("action,expect", [("reject", "552 5.3.4"), ("tempfail", "452 4.3.1")])
+def test_message_over_the_spool_limit_gets_the_configured_verdict(
+    tmp_path: Path, stack: dict, action: str, expect: str
+) -> None:
+    base = make_reachable(tmp_path)
+    cfg = write_config(
+        base / "f.toml",
+        {
+            "daemon": {"state_dir": str(base / "st")},
+            "pipeline": {"recipient_checks": [], "message_checks": ["antivirus"]},
+            "clamav": {"address": stack["clamd"].address},
+            "milter": {"max_message_bytes": 20000, "oversize_action": action},
+            "records": {"enabled": False},
+        },
+    )
+    with (
+        DaemonProcess(base / "d", cfg) as daemon,
+        SmtpSink(base / "sink") as sink,
+        PostfixServer(
+            base / "pf", sink.port, milter=daemon.milter_for_postfix, milter_default_action="accept"
+        ) as postfix,
+    ):
+        big = plain(body="y" * 70 + "\n") + (b"y" * 70 + b"\n") * 1000  # ~71 KB
+        result = send_mail(postfix.port, FROM, [TO], big)
+        assert result.data is not None
+        assert f"{result.data.code} {result.data.text}".startswith(expect), result.data
+        assert send_mail(postfix.port, FROM, [TO], plain()).accepted
