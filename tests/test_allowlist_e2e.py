@@ -128,7 +128,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 milter=daemon.milter_for_postfix,
                 milter_default_action="reject",
             ) as postfix:
-                yield {"postfix": postfix, "sink": sink, "daemon": daemon, "redis": redis_server}
+                yield {
+                    "postfix": postfix,
+                    "sink": sink,
+                    "daemon": daemon,
+                    "redis": redis_server,
+                    "config": cfg,
+                    "base": base,
+                }
         finally:
             daemon.stop()
 
@@ -263,3 +270,29 @@ def test_forged_sender_from_a_listed_client_is_refused(
     forged = message("forged-listed", "Lunch?\n", header_from="x@elsewhere.test")
     outcome = deliver(stack, ["alice@example.org"], forged, LISTED_IP)
     assert outcome["alice@example.org"].startswith("554 "), outcome
+
+
+def test_an_edit_is_seen_by_a_second_running_daemon_within_a_second(
+    stack: dict[str, Any], lists: AllowlistStore
+) -> None:
+    """Two milter nodes (each its own daemon and Postfix) share the lists in Redis."""
+    base = stack["base"]
+    spam = "Best offer: http://evil.example/\n"
+    with (
+        DaemonProcess(base / "node2", stack["config"]) as node2,
+        PostfixServer(
+            base / "postfix2",
+            stack["sink"].port,
+            milter=node2.milter_for_postfix,
+            milter_default_action="reject",
+        ) as postfix2,
+    ):
+        second = {**stack, "postfix": postfix2}
+        before = deliver(second, ["erin@example.org"], message("node2-1", spam), CLEAN_IP)
+        assert before["erin@example.org"].startswith("554 ")
+        allow(lists, "erin@example.org", SENDER)  # the edit, made through node 1's store
+        edited = time.monotonic()
+        after = deliver(second, ["erin@example.org"], message("node2-2", spam), CLEAN_IP)
+        seen_after = time.monotonic() - edited
+        assert after["erin@example.org"] == "delivered"
+        assert seen_after < 1.0, f"node 2 saw the edit only after {seen_after:.2f}s"
