@@ -13,20 +13,12 @@ from typing import Any
 
 import click
 
+from filterd.cliopts import CONFIG_OPTION
 from filterd.logsetup import setup_logging
 from filterd.pipeline import CheckBuildError
 from filterd.records.logfilter import install_from_config as install_logfilter
 from filterd.scan import scan_bytes
 from filterd.settings import ConfigError, load_settings
-
-CONFIG_OPTION = click.option(
-    "--config",
-    "config",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    envvar="FILTERD_CONFIG",
-    help="Main configuration file (default: rules/filterd.toml).",
-)
 
 
 @click.group()
@@ -36,18 +28,18 @@ def main() -> None:
 
 @main.command()
 @CONFIG_OPTION
-def serve(config: Path | None) -> None:
+def serve(config_path: Path | None) -> None:
     """Run the milter daemon (SIGHUP reloads, SIGTERM drains and stops)."""
     from filterd.daemon import Daemon
 
     try:
-        settings = load_settings(config)
+        settings = load_settings(config_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     setup_logging(settings.daemon.log_level)
     install_logfilter(settings.section("records"))
     try:
-        code = Daemon(config).run()
+        code = Daemon(config_path).run()
     except (ConfigError, CheckBuildError) as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(code)
@@ -62,7 +54,7 @@ def serve(config: Path | None) -> None:
 @click.option("--auth-user", default=None, help="SASL login, as if authenticated.")
 @click.argument("files", nargs=-1, required=True)
 def scan(
-    config: Path | None,
+    config_path: Path | None,
     mail_from: str,
     rcpts: tuple[str, ...],
     client_ip: str | None,
@@ -75,7 +67,7 @@ def scan(
     from filterd.types import Envelope
 
     try:
-        settings = load_settings(config)
+        settings = load_settings(config_path)
         setup_logging("warning")
         runtime = Runtime(settings)
     except (ConfigError, CheckBuildError) as exc:

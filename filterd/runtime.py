@@ -14,11 +14,10 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from filterd.checks.base import Services
 from filterd.pipeline import Pipeline, build_checks
+from filterd.redisclient import connect
 from filterd.settings import Settings
 from filterd.types import Decision, Envelope, Message, RecipientDecision
 
@@ -46,19 +45,7 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         url = settings.redis.url
-        client = (
-            redis.Redis.from_url(
-                url,
-                socket_timeout=settings.redis.socket_timeout,
-                socket_connect_timeout=settings.redis.socket_timeout,
-                health_check_interval=30,
-                # One quick retry: redis-py's default backoff spends ~4 s on a dead
-                # server, half the RCPT budget, before the check can tempfail.
-                retry=Retry(NoBackoff(), 1),
-            )
-            if url
-            else None
-        )
+        client = connect(settings, url) if url else None
         self.services = Services(settings=settings, redis=client)
         checks = build_checks(settings, self.services)
         try:

@@ -159,7 +159,7 @@ class Settings:
         return resolve_path(value)
 
 
-def resolve_path(value: str | Path) -> Path:
+def resolve_path(value: str | os.PathLike[str]) -> Path:
     path = Path(value)
     return path if path.is_absolute() else PROJECT_ROOT / path
 

@@ -26,6 +26,8 @@ from filterd.allowlist.config import Config
 from filterd.allowlist.entries import Entry, EntryError, Target, parse_entry, parse_target
 from filterd.allowlist.files import ListFileError, format_list, parse_list, read_list_file
 from filterd.allowlist.store import AllowlistStore, LimitError
+from filterd.cliopts import CONFIG_OPTION, REDIS_URL_OPTION
+from filterd.redisclient import RedisNotConfigured, connect_for_tools
 from filterd.settings import ConfigError, Settings, load_settings
 
 _KEY = "filterd.allowlist"
@@ -52,20 +54,10 @@ class _Options:
         return section
 
     def store(self) -> AllowlistStore:
-        settings = self.settings()
-        url = self.redis_url or settings.redis.url
-        if not url:
-            # `filterd serve` with no [redis] url runs a private instance here.
-            sock = settings.resolve_path(settings.daemon.state_dir) / "redis" / "redis.sock"
-            if not sock.exists():
-                _fail(
-                    "no Redis configured: set [redis] url (FILTERD_REDIS_URL), use --redis-url, "
-                    "or run `filterd serve` with its private Redis",
-                    1,
-                )
-            url = f"unix://{sock}?db=0"
-        timeout = settings.redis.socket_timeout
-        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            client = connect_for_tools(self.settings(), self.redis_url)
+        except RedisNotConfigured as exc:
+            _fail(str(exc), 1)
         return AllowlistStore(client, self.config())
 
 
@@ -113,15 +105,8 @@ def _store_call(call: Callable[[], T]) -> T:
         _fail(f"the allowlist store (Redis) is unavailable: {exc}", 1)
 
 
-CONFIG = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    envvar="FILTERD_CONFIG",
-    help="Main configuration file (default: rules/filterd.toml).",
-)
-REDIS = click.option("--redis-url", default=None, help="Redis URL (default: [redis] url).")
+CONFIG = CONFIG_OPTION
+REDIS = REDIS_URL_OPTION
 
 
 @click.group("allow")

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from filterd.checks.base import Services
 from filterd.dnsbl.engine import Engine, Subject, domain_subject, ip_subject
 from filterd.dnsbl.links import registered_domain
-from filterd.dnsbl.lists import CodeRule, ListConfig, ResolverSettings
+from filterd.dnsbl.lists import CodeRule, ListConfig, ResolverSettings, spamhaus_dbl
 from filterd.settings import Settings
 from filterd.types import Envelope, Finding
 
@@ -54,18 +54,7 @@ DEFAULT_LISTS = [
         ],
         errors=["127.255.255.[0..255]"],
     ),
-    ListConfig(
-        id="DBL",
-        zone="dbl.spamhaus.org",
-        type="domain",
-        targets=["helo", "sender"],
-        rules=[
-            CodeRule(name="SPAM", match="127.0.1.[2..99]", weight=10),
-            CodeRule(name="ABUSED", match="127.0.1.[102..199]", weight=3),
-        ],
-        errors=["127.0.1.255", "127.255.255.[0..255]"],
-        test_entry="dbltest.com",
-    ),
+    spamhaus_dbl(["helo", "sender"]),
 ]
 
 

@@ -19,7 +19,7 @@ from pydantic import field_validator
 from filterd.checks.base import Services
 from filterd.dnsbl.engine import Engine, Subject, domain_subject
 from filterd.dnsbl.links import link_domains, registered_domain
-from filterd.dnsbl.lists import CodeRule, ListConfig, ResolverSettings, split_list
+from filterd.dnsbl.lists import ListConfig, ResolverSettings, spamhaus_dbl, split_list
 from filterd.settings import Settings
 from filterd.types import Finding, Message
 
@@ -28,18 +28,7 @@ SECTION = "uribl"
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTS = [
-    ListConfig(
-        id="DBL",
-        zone="dbl.spamhaus.org",
-        type="domain",
-        targets=["from", "body"],
-        rules=[
-            CodeRule(name="SPAM", match="127.0.1.[2..99]", weight=10),
-            CodeRule(name="ABUSED", match="127.0.1.[102..199]", weight=3),
-        ],
-        errors=["127.0.1.255", "127.255.255.[0..255]"],
-        test_entry="dbltest.com",
-    ),
+    spamhaus_dbl(["from", "body"]),
 ]
 
 

@@ -295,3 +295,24 @@ class CompiledList:
         matched = {a for _, codes in hits for a in codes}
         unmatched = tuple(a for a in addresses if a not in matched)
         return Match("listed" if hits else "unlisted", tuple(hits), unmatched)
+
+
+# Spamhaus DBL as documented (return codes 127.0.1.x): shared by the RHSBL check
+# at RCPT time and the URI check at end of message, which only differ in targets.
+SPAMHAUS_DBL_RULES = [
+    CodeRule(name="SPAM", match="127.0.1.[2..99]", weight=10),
+    CodeRule(name="ABUSED", match="127.0.1.[102..199]", weight=3),
+]
+SPAMHAUS_DBL_ERRORS = ["127.0.1.255", "127.255.255.[0..255]"]
+
+
+def spamhaus_dbl(targets: list[Target]) -> ListConfig:
+    return ListConfig(
+        id="DBL",
+        zone="dbl.spamhaus.org",
+        type="domain",
+        targets=targets,
+        rules=SPAMHAUS_DBL_RULES,
+        errors=SPAMHAUS_DBL_ERRORS,
+        test_entry="dbltest.com",
+    )

@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from filterd.cliopts import CONFIG_OPTION, REDIS_URL_OPTION
 from filterd.records.config import Config
 from filterd.records.pseudonym import Pseudonymizer
 from filterd.records.query import (
@@ -27,20 +28,10 @@ from filterd.records.query import (
     export_mailbox,
 )
 from filterd.records.schema import Schema, SchemaError, load_schema
+from filterd.redisclient import RedisNotConfigured, connect_for_tools
 
-_config_option = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    envvar="FILTERD_CONFIG",
-    help="Main configuration file (default: rules/filterd.toml).",
-)
-_redis_option = click.option(
-    "--redis-url",
-    default=None,
-    help="Redis to read (default: [redis] url, else the daemon's private instance).",
-)
+_config_option = CONFIG_OPTION
+_redis_option = REDIS_URL_OPTION
 
 
 @dataclass
@@ -53,7 +44,6 @@ class _Context:
 
 
 def _open(config_path: Path | None, redis_url: str | None, *, sources: bool = True) -> _Context:
-    import redis
 
     from filterd.settings import ConfigError, load_settings
 
@@ -62,25 +52,17 @@ def _open(config_path: Path | None, redis_url: str | None, *, sources: bool = Tr
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     config: Config = settings.section("records")
-    # Relative paths resolve exactly as the daemon resolves them (Config.resolve).
-    base = None
     try:
-        schema = load_schema(config.resolve(config.schema_file, base))
+        schema = load_schema(config.resolve(config.schema_file))
     except SchemaError as exc:
         raise click.ClickException(str(exc)) from None
-    url = redis_url or settings.redis.url
-    if not url:
-        sock = settings.resolve_path(settings.daemon.state_dir) / "redis" / "redis.sock"
-        if not sock.exists():
-            raise click.ClickException(
-                "no Redis to read: set [redis] url or --redis-url, or start `filterd serve` "
-                f"(its private Redis socket {sock} does not exist)"
-            )
-        url = f"unix://{sock}?db=0"
-    client = redis.Redis.from_url(url, socket_timeout=settings.redis.socket_timeout)
+    try:
+        client = connect_for_tools(settings, redis_url)
+    except RedisNotConfigured as exc:
+        raise click.ClickException(str(exc)) from None
     pepper = b""
     if config.pseudonym_secret_file:
-        pepper = config.resolve(config.pseudonym_secret_file, base).read_bytes().strip()
+        pepper = config.resolve(config.pseudonym_secret_file).read_bytes().strip()
     try:
         # Always look for pseudonymised entries: the setting may have changed while
         # entries written under the old one are still within their retention.

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from filterd.settings import Section
+from filterd.settings import Section, resolve_path
 
 SECTION = "records"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 class Config(Section):
@@ -29,6 +28,6 @@ class Config(Section):
     # Keep client IP + reason of refused messages for the abuse-evidence retention (no mailbox).
     abuse_evidence: bool = False
 
-    def resolve(self, value: str, base_dir: Path | None = None) -> Path:
-        path = Path(value)
-        return path if path.is_absolute() else (base_dir or PROJECT_ROOT) / path
+    def resolve(self, value: str) -> Path:
+        """Relative paths resolve as everywhere else in filterd (the project root)."""
+        return resolve_path(value)

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
-from pathlib import Path
 from typing import Any
 
 from filterd.records.config import Config
@@ -215,9 +214,7 @@ class RecordsObserver:
         )
 
 
-def build_observer(
-    config: Config, redis_client: Any, *, base_dir: Path | None = None
-) -> RecordsObserver | None:
+def build_observer(config: Config, redis_client: Any) -> RecordsObserver | None:
     """The daemon's observer, or None when records are disabled.
 
     Raises SchemaError at start-up if the schema is unusable (an untagged field, an
@@ -225,12 +222,12 @@ def build_observer(
     """
     if not config.enabled:
         return None
-    schema = load_schema(config.resolve(config.schema_file, base_dir))
+    schema = load_schema(config.resolve(config.schema_file))
     pseudonymizer = None
     if config.pseudonymise:
         pepper = b""
         if config.pseudonym_secret_file:
-            pepper = config.resolve(config.pseudonym_secret_file, base_dir).read_bytes().strip()
+            pepper = config.resolve(config.pseudonym_secret_file).read_bytes().strip()
         pseudonymizer = Pseudonymizer(redis_client, schema, pepper=pepper)
     writer = RecordWriter(
         schema,

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_SCHEMA = Path(__file__).resolve().parent.parent.parent / "rules" / "retention.toml"
+from filterd.settings import resolve_path
+
+DEFAULT_SCHEMA = resolve_path("rules/retention.toml")
 
 UNTIL_REMOVED = "until-removed"
 STORES = ("redis", "stderr")
