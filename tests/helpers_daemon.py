@@ -7,26 +7,34 @@ PID. Tests read its structured stderr log from ``log_path``.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from filterd.devservers import PostfixServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def toml_value(value: Any) -> str:
+    """A TOML value; dicts become inline tables, so lists of tables work too."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return json.dumps(str(value))
 
 
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
@@ -114,3 +122,24 @@ class DaemonProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def filtered_postfix(
+    base: Path, config: Path, sink_port: int, default_action: str = "reject"
+) -> Iterator[tuple[DaemonProcess, PostfixServer]]:
+    """The real daemon with a private Postfix in front of it, relaying to ``sink_port``.
+
+    ``milter_default_action = reject`` by default, so an accepted message proves
+    the daemon answered.
+    """
+    with (
+        DaemonProcess(base / "daemon", config) as daemon,
+        PostfixServer(
+            base / "postfix",
+            sink_port,
+            milter=daemon.milter_for_postfix,
+            milter_default_action=default_action,
+        ) as postfix,
+    ):
+        yield daemon, postfix

@@ -7,10 +7,8 @@ final outcome (delivered, or refused with 5xx). Nothing may be lost.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,7 +27,8 @@ from filterd.devservers import (
     project_signature_dir,
     send_mail,
 )
-from tests.helpers_daemon import DaemonProcess
+from tests.conftest import eicar_bytes
+from tests.helpers_daemon import DaemonProcess, filtered_postfix, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -40,29 +39,6 @@ ZONES = [
     ("zen.test", "ip4set", f":127.0.0.2:SBL\n{LISTED_IP}\n127.0.0.2\n"),
     ("dbl.test", "dnset", ":127.0.1.2:DBL\nevil.example\ndbltest.com\n"),
 ]
-
-
-def _toml(value: Any) -> str:
-    # JSON strings, numbers, booleans and arrays are valid TOML; tables become inline tables.
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(value)
-
-
-def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    lines = []
-    for name, keys in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{key} = {_toml(value)}" for key, value in keys.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def eicar() -> bytes:
-    # Built from pieces so that this file itself is not a test virus.
-    return b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!" + b"$H+H*"
 
 
 def message(tag: str, body: str, header_from: str = SENDER) -> bytes:
@@ -120,24 +96,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 },
             },
         )
-        daemon = DaemonProcess(base / "daemon", cfg).start()
-        try:
-            with PostfixServer(
-                base / "postfix",
-                sink.port,
-                milter=daemon.milter_for_postfix,
-                milter_default_action="reject",
-            ) as postfix:
-                yield {
-                    "postfix": postfix,
-                    "sink": sink,
-                    "daemon": daemon,
-                    "redis": redis_server,
-                    "config": cfg,
-                    "base": base,
-                }
-        finally:
-            daemon.stop()
+        with filtered_postfix(base, cfg, sink.port) as (daemon, postfix):
+            yield {
+                "postfix": postfix,
+                "sink": sink,
+                "daemon": daemon,
+                "redis": redis_server,
+                "config": cfg,
+                "base": base,
+            }
 
 
 @pytest.fixture
@@ -244,7 +211,7 @@ def test_virus_from_allowlisted_sender_is_still_refused(
 ) -> None:
     allow(lists, "alice@example.org", SENDER, CLEAN_IP)
     allow(lists, "bob@example.org", "*@example.net")
-    virus = message("virus", eicar().decode() + "\n")
+    virus = message("virus", eicar_bytes().decode() + "\n")
     outcome = deliver(stack, ["alice@example.org", "bob@example.org"], virus, CLEAN_IP)
     for rcpt in ("alice@example.org", "bob@example.org"):
         assert outcome[rcpt].startswith("554 ") and "Eicar" in outcome[rcpt], outcome

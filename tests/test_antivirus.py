@@ -37,6 +37,7 @@ from filterd.devservers import ClamdServer, free_port, project_signature_dir
 from filterd.pipeline import Pipeline, build_checks
 from filterd.settings import ConfigError, Settings, load_settings
 from filterd.types import Action, Effect, Envelope, Finding, Message
+from tests.helpers_daemon import filtered_postfix
 
 ROOT = Path(__file__).resolve().parent.parent
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-" + b"ANTIVIRUS-TEST-FILE!$H+H*"
@@ -463,8 +464,8 @@ def test_full_unix_listen_queue_waits_instead_of_failing(tmp_path: Path) -> None
 
 @pytest.mark.e2e
 def test_e2e_virus_refused_at_smtp_time_tempfail_while_clamd_is_down(tmp_path: Path) -> None:
-    from filterd.devservers import PostfixServer, SmtpSink, make_reachable, send_mail
-    from tests.helpers_daemon import DaemonProcess, write_config
+    from filterd.devservers import SmtpSink, make_reachable, send_mail
+    from tests.helpers_daemon import write_config
 
     base = make_reachable(tmp_path)
     nested = with_attachment(zipped("inner.zip", zipped("readme.txt", EICAR)), "application/zip")
@@ -482,29 +483,20 @@ def test_e2e_virus_refused_at_smtp_time_tempfail_while_clamd_is_down(tmp_path: P
                 "records": {"enabled": False},
             },
         )
-        daemon = DaemonProcess(base / "daemon", config).start()
-        try:
-            with PostfixServer(
-                base / "postfix",
-                sink.port,
-                milter=daemon.milter_for_postfix,
-                milter_default_action="reject",
-            ) as postfix:
-                result = send_mail(postfix.port, sender, [rcpt], nested)
-                assert result.data == (554, "5.7.1 virus found: Eicar-Test-Signature"), result
-                assert send_mail(postfix.port, sender, [rcpt], plain(b"hello")).accepted
+        with filtered_postfix(base, config, sink.port) as (_daemon, postfix):
+            result = send_mail(postfix.port, sender, [rcpt], nested)
+            assert result.data == (554, "5.7.1 virus found: Eicar-Test-Signature"), result
+            assert send_mail(postfix.port, sender, [rcpt], plain(b"hello")).accepted
 
-                clamd.stop()
-                for raw in (plain(b"hello"), nested):
-                    result = send_mail(postfix.port, sender, [rcpt], raw)
-                    assert result.data is not None and result.data.code == 451, result
-                    assert result.data.text.startswith("4.7.1")
+            clamd.stop()
+            for raw in (plain(b"hello"), nested):
+                result = send_mail(postfix.port, sender, [rcpt], raw)
+                assert result.data is not None and result.data.code == 451, result
+                assert result.data.text.startswith("4.7.1")
 
-                clamd.start()  # same address; the daemon is not touched
-                result = send_mail(postfix.port, sender, [rcpt], nested)
-                assert result.data == (554, "5.7.1 virus found: Eicar-Test-Signature"), result
-                assert send_mail(postfix.port, sender, [rcpt], plain(b"hello")).accepted
-                delivered = sink.wait_for_messages(2, timeout=15)
-                assert not any(b"EICAR" in m for m in delivered)
-        finally:
-            daemon.stop()
+            clamd.start()  # same address; the daemon is not touched
+            result = send_mail(postfix.port, sender, [rcpt], nested)
+            assert result.data == (554, "5.7.1 virus found: Eicar-Test-Signature"), result
+            assert send_mail(postfix.port, sender, [rcpt], plain(b"hello")).accepted
+            delivered = sink.wait_for_messages(2, timeout=15)
+            assert not any(b"EICAR" in m for m in delivered)

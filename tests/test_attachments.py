@@ -29,6 +29,7 @@ from filterd.checks.base import Services
 from filterd.mime_walk import Item, Obstacle, WalkLimits, walk
 from filterd.settings import ConfigError, load_settings
 from filterd.types import Effect, Envelope, Finding, Message
+from tests.helpers_daemon import filtered_postfix
 
 ROOT = Path(__file__).resolve().parent.parent
 BANNED_FILE = ROOT / "rules" / "banned-types.toml"
@@ -763,8 +764,8 @@ def test_corrupted_zips_never_crash(junk: bytes, cut: int) -> None:
 
 @pytest.mark.e2e
 def test_e2e_banned_types_refused_at_smtp_time(tmp_path: Path) -> None:
-    from filterd.devservers import PostfixServer, SmtpSink, make_reachable, send_mail
-    from tests.helpers_daemon import DaemonProcess, write_config
+    from filterd.devservers import SmtpSink, make_reachable, send_mail
+    from tests.helpers_daemon import write_config
 
     base = make_reachable(tmp_path)
     sender, rcpt = "alice@example.net", "bob@example.org"
@@ -790,19 +791,10 @@ def test_e2e_banned_types_refused_at_smtp_time(tmp_path: Path) -> None:
                 "records": {"enabled": False},
             },
         )
-        daemon = DaemonProcess(base / "daemon", config).start()
-        try:
-            with PostfixServer(
-                base / "postfix",
-                sink.port,
-                milter=daemon.milter_for_postfix,
-                milter_default_action="reject",
-            ) as postfix:
-                for raw, reply in cases.items():
-                    result = send_mail(postfix.port, sender, [rcpt], raw)
-                    assert result.data == (554, reply), result
-                harmless = mail((docx_bytes(), "application/octet-stream", "letter.docx"))
-                assert send_mail(postfix.port, sender, [rcpt], harmless).accepted
-                assert len(sink.wait_for_messages(1, timeout=15)) == 1
-        finally:
-            daemon.stop()
+        with filtered_postfix(base, config, sink.port) as (_daemon, postfix):
+            for raw, reply in cases.items():
+                result = send_mail(postfix.port, sender, [rcpt], raw)
+                assert result.data == (554, reply), result
+            harmless = mail((docx_bytes(), "application/octet-stream", "letter.docx"))
+            assert send_mail(postfix.port, sender, [rcpt], harmless).accepted
+            assert len(sink.wait_for_messages(1, timeout=15)) == 1

@@ -3,10 +3,8 @@ XCLIENT ADDR=..., so a loopback test connection looks like a listed host."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,14 +14,13 @@ from filterd.allowlist.config import Config as AllowConfig
 from filterd.allowlist.entries import parse_entry, parse_target
 from filterd.allowlist.store import AllowlistStore
 from filterd.devservers import (
-    PostfixServer,
     RbldnsdServer,
     RedisServer,
     SmtpSink,
     make_reachable,
     send_mail,
 )
-from tests.helpers_daemon import DaemonProcess
+from tests.helpers_daemon import filtered_postfix, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -32,24 +29,6 @@ ZONES = [
     ("zen.test", "ip4set", ":127.0.0.2:SBL\n192.0.2.10\n127.0.0.2\n:127.0.0.10:PBL\n192.0.2.12\n"),
     ("dbl.test", "dnset", ":127.0.1.2:DBL\nevil.example\ndbltest.com\n"),
 ]
-
-
-def _toml(value: Any) -> str:
-    # JSON strings, numbers, booleans and arrays are valid TOML; tables are inline.
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(value)
-
-
-def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    lines = []
-    for name, keys in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{key} = {_toml(value)}" for key, value in keys.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -106,17 +85,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 },
             },
         )
-        daemon = DaemonProcess(base / "daemon", cfg).start()
-        try:
-            with PostfixServer(
-                base / "postfix",
-                sink.port,
-                milter=daemon.milter_for_postfix,
-                milter_default_action="reject",
-            ) as postfix:
-                yield {"postfix": postfix, "sink": sink, "daemon": daemon, "redis": redis_server}
-        finally:
-            daemon.stop()
+        with filtered_postfix(base, cfg, sink.port) as (daemon, postfix):
+            yield {"postfix": postfix, "sink": sink, "daemon": daemon, "redis": redis_server}
 
 
 def _mail(body: str = "Lunch tomorrow?\n", tag: str = "x") -> bytes:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from filterd.devservers import ClamdServer, PostfixServer, SmtpSink, make_reachable, send_mail
-from tests.helpers_daemon import DaemonProcess, write_config
+from tests.helpers_daemon import DaemonProcess, filtered_postfix, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -73,23 +73,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
         SmtpSink(base / "sink") as sink,
     ):
         cfg = daemon_config(base / "filterd.toml", clamd, ["antivirus", "attachments"], base / "st")
-        daemon = DaemonProcess(base / "daemon", cfg).start()
-        try:
-            with PostfixServer(
-                base / "postfix",
-                sink.port,
-                milter=daemon.milter_for_postfix,
-                milter_default_action="reject",
-            ) as postfix:
-                yield {
-                    "postfix": postfix,
-                    "sink": sink,
-                    "daemon": daemon,
-                    "clamd": clamd,
-                    "base": base,
-                }
-        finally:
-            daemon.stop()
+        with filtered_postfix(base, cfg, sink.port) as (daemon, postfix):
+            yield {
+                "postfix": postfix,
+                "sink": sink,
+                "daemon": daemon,
+                "clamd": clamd,
+                "base": base,
+            }
 
 
 def test_clean_message_is_accepted_and_reaches_the_sink(stack: dict) -> None:
