@@ -21,7 +21,7 @@ from filterd.classify.cli import train as train_cmd
 from filterd.classify.features import FEATURES_VERSION, extract_features
 from filterd.classify.model import ModelError, SpamModel
 from filterd.classify.registry import ModelHolder
-from filterd.classify.train import TrainConfig, train
+from filterd.classify.train import TrainConfig, fit_sgd, train
 
 # --------------------------------------------------------------------------- synthetic corpus
 
@@ -464,6 +464,28 @@ def test_cli_train_evaluate_promote(tmp_path: Path) -> None:
     assert "ROC AUC" in r.output and png.stat().st_size > 1000
     r = runner.invoke(model_cmd, ["promote", "nope", "--models-dir", str(mdir)])
     assert r.exit_code != 0
+
+
+def test_fit_sgd_ensemble_is_mean_of_runs() -> None:
+    import scipy.sparse as sp
+
+    X = sp.random(60, 64, density=0.2, format="csr", random_state=1, dtype=np.float32)
+    y = (np.asarray(X[:, :8].sum(1)).ravel() > 0.5).astype(np.int64)
+
+    def batches(ep: int):  # type: ignore[no-untyped-def]
+        p = np.random.default_rng(ep).permutation(len(y))
+        for i in range(0, len(p), 20):
+            yield X[p[i : i + 20]], y[p[i : i + 20]]
+
+    cfg = TrainConfig(n_features=64, epochs=2, ensemble=2, seed=0)
+    coef, b = fit_sgd(batches, 64, cfg)
+    c0, b0 = fit_sgd(batches, 64, TrainConfig(n_features=64, epochs=2, ensemble=1, seed=0))
+    c1, b1 = fit_sgd(
+        lambda ep: batches(ep + 2), 64, TrainConfig(n_features=64, epochs=2, ensemble=1, seed=1)
+    )
+    assert not np.allclose(c0, c1)
+    np.testing.assert_allclose(coef, (c0 + c1) / 2)
+    assert b == pytest.approx((b0 + b1) / 2)
 
 
 def test_shipped_default_model_loads() -> None:

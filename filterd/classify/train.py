@@ -4,12 +4,13 @@
    batches of ``batch_size`` to a temporary cache as sparse arrays (.npz, no pickle).  Each
    message gets a fold number from its sha256, so splits are reproducible.
 2. Thresholds: for each fold an SGD logistic model is trained on the other folds (``partial_fit``
-   over shuffled cached batches, several epochs) and scores its fold.  The reject and tag
+   over shuffled cached batches, several epochs; ``ensemble`` such runs averaged into one weight
+   vector) and scores its fold.  The reject and tag
    thresholds are read off these out-of-fold *ham* scores at the target false-reject rates; the
    out-of-fold scores also give the metrics recorded in the model card.
 3. The final model is trained the same way on all messages and saved as arrays + card.
 
-Memory: one batch of rows, the weight vector (n_features float64) and one float per message.
+Memory: one batch of rows, two weight vectors (n_features float64) and one float per message.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class TrainConfig:
     tag_fpr: float = 0.01  # target false-tag rate on held-out ham
     seed: int = 0
     value_dtype: str = "float16"
+    # Average the weights of this many SGD runs (each its own shuffles and SGD seed).  Still one
+    # linear model; it cuts the run-to-run variance of single SGD runs, which at the 0.1% ham FPR
+    # operating point was larger than most tuning effects (bench: recall@0.1% 93.4-94.4% for
+    # single runs, 95.2% averaged over 5).
+    ensemble: int = 5
 
 
 @dataclass
@@ -166,19 +172,33 @@ def fit_sgd(
     n_features: int,
     cfg: TrainConfig,
 ) -> tuple[np.ndarray, float]:
-    """SGD logistic regression with partial_fit over ``epoch_batches(epoch)``; returns (coef, b)."""
+    """SGD logistic regression with partial_fit over ``epoch_batches(epoch)``; returns (coef, b).
+
+    ``cfg.ensemble`` independent runs (SGD seeds ``cfg.seed + j``, fresh batch shuffles from
+    ``epoch_batches``) are averaged into one weight vector.  Out-of-core: only one batch of rows
+    plus two weight vectors are held at a time, so this serves corpora that do not fit in memory.
+    """
     from sklearn.linear_model import SGDClassifier
 
-    clf = SGDClassifier(loss="log_loss", penalty="l2", alpha=cfg.alpha, random_state=cfg.seed)
-    seen = False
-    for ep in range(cfg.epochs):
-        for X, y in epoch_batches(ep):
-            w = np.where(y == 0, cfg.ham_weight, 1.0)
-            clf.partial_fit(X, y, classes=np.array([0, 1]), sample_weight=w)
-            seen = True
-    if not seen:
-        raise ValueError("no training messages")
-    return clf.coef_.ravel().astype(np.float64), float(clf.intercept_[0])
+    members = max(1, int(cfg.ensemble))
+    coef = np.zeros(n_features, dtype=np.float64)
+    b = 0.0
+    for j in range(members):
+        clf = SGDClassifier(
+            loss="log_loss", penalty="l2", alpha=cfg.alpha, random_state=cfg.seed + j
+        )
+        seen = False
+        for ep in range(cfg.epochs):
+            # epoch numbers run on across members, so every member sees its own shuffles
+            for X, y in epoch_batches(j * cfg.epochs + ep):
+                w = np.where(y == 0, cfg.ham_weight, 1.0)
+                clf.partial_fit(X, y, classes=np.array([0, 1]), sample_weight=w)
+                seen = True
+        if not seen:
+            raise ValueError("no training messages")
+        coef += clf.coef_.ravel()
+        b += float(clf.intercept_[0])
+    return coef / members, b / members
 
 
 def _fit_on_cache(
@@ -250,7 +270,10 @@ def train(
         "created": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "description": description,
         "model": {
-            "type": "linear logistic regression (sklearn SGDClassifier log_loss, partial_fit)",
+            "type": (
+                "linear logistic regression (sklearn SGDClassifier log_loss, partial_fit; "
+                f"weights averaged over {max(1, int(cfg.ensemble))} runs)"
+            ),
             "serving": "p = sigmoid(w . x + b) over hashed binary features, L2-normalised",
             "train_config": asdict(cfg),
         },
