@@ -221,3 +221,20 @@ def cpu_seconds(pid: int) -> float:
 
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_seconds() -> float:
+    """CPU time spent by the whole machine (all cores, not idle), from /proc/stat."""
+    import os
+
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def nice_cpu_seconds() -> float:
+    """CPU time of niced processes (other jobs sharing the machine), from /proc/stat."""
+    import os
+
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[2]) / os.sysconf("SC_CLK_TCK")

@@ -28,13 +28,78 @@ FROM = "alice@example.net"
 TO = "bob@example.org"
 
 _WORDS = (
-    "the meeting report project draft budget review team schedule notes week quarter we "
-    "please find attached thanks regards update plan next steps agenda minutes version "
-    "release build test results server network customer order invoice shipment delivery "
-    "question answer idea proposal document summary figures table chart slide deadline "
-    "monday tuesday wednesday thursday friday morning afternoon call office lunch travel "
-    "about with from into over under after before while because although however also"
-).split()  # noqa: SIM905 - a readable word list
+    "the",
+    "meeting",
+    "report",
+    "project",
+    "draft",
+    "budget",
+    "review",
+    "team",
+    "schedule",
+    "notes",
+    "week",
+    "quarter",
+    "we",
+    "please",
+    "find",
+    "attached",
+    "thanks",
+    "regards",
+    "update",
+    "plan",
+    "next",
+    "steps",
+    "agenda",
+    "minutes",
+    "version",
+    "release",
+    "build",
+    "test",
+    "results",
+    "server",
+    "network",
+    "customer",
+    "order",
+    "invoice",
+    "shipment",
+    "delivery",
+    "question",
+    "answer",
+    "idea",
+    "proposal",
+    "document",
+    "summary",
+    "figures",
+    "table",
+    "chart",
+    "slide",
+    "deadline",
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "morning",
+    "afternoon",
+    "call",
+    "office",
+    "lunch",
+    "travel",
+    "about",
+    "with",
+    "from",
+    "into",
+    "over",
+    "under",
+    "after",
+    "before",
+    "while",
+    "because",
+    "although",
+    "however",
+    "also",
+)
 
 _LINK_HOSTS = (
     "www.python.org", "lists.debian.org", "docs.example.com", "intranet.example.org",
@@ -164,7 +229,7 @@ def _with_attachment(
         + f'Content-Type: multipart/mixed; boundary="{boundary}"\n\n'
         f"--{boundary}\nContent-Type: text/plain; charset=utf-8\n"
         "Content-Transfer-Encoding: 8bit\n\n"
-        f"{text}\n--{boundary}\nContent-Type: {ctype}; name=\"{filename}\"\n"
+        f'{text}\n--{boundary}\nContent-Type: {ctype}; name="{filename}"\n'
         f'Content-Disposition: attachment; filename="{filename}"\n'
         f"Content-Transfer-Encoding: base64\n\n{_b64(payload)}--{boundary}--\n"
     )

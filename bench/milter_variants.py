@@ -7,7 +7,10 @@ daemon before the lead changes filterd/milter.py. This entry point removes the
 ``BENCH_MILTER_REPLY`` (comma-separated, e.g. ``header,body,data``) so Postfix
 sends those events and waits for a reply to each, and
 ``BENCH_MILTER_NODELAY_PORT`` sets TCP_NODELAY on the listening socket; then
-it runs the ordinary ``filterd serve``. Without the variable it
+it runs the ordinary ``filterd serve``. ``BENCH_SWITCH_INTERVAL`` (seconds)
+sets the GIL switch interval and ``BENCH_SERIAL_CHECKS=1`` runs each phase's
+checks serially and ``BENCH_CLASSIFIER_PROCESSES=N`` scores with the model in
+N worker processes, for the GIL study. Without the variable it
 is exactly ``python -m filterd``.
 """
 
@@ -17,6 +20,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -88,11 +92,89 @@ def set_listener_nodelay(port: int, timeout: float = 10.0) -> bool:
     return False
 
 
+def serial_checks() -> None:
+    """Run a phase's checks one after another in the calling thread (no thread pool).
+
+    Measures the alternative to the pipeline's concurrent checks: with the GIL,
+    I/O-bound checks running beside the CPU-bound classifier wait for the
+    interpreter, so "concurrent" can be slower than serial. The phase budget
+    is not enforced here; this is a measurement, not a proposal to copy.
+    """
+    from filterd import pipeline
+
+    def run(self: Any, calls: Any, deadline: float, timings: dict[str, float]) -> list[Any]:
+        findings: list[Any] = []
+        for check, fn in calls:
+            try:
+                result, spent = pipeline._timed(fn)
+                timings[check.name] = timings.get(check.name, 0.0) + spent
+                findings.extend(result)
+            except Exception as exc:
+                findings.append(pipeline._failure(check, f"{type(exc).__name__}: {exc}"))
+        return findings
+
+    pipeline.Pipeline._run = run  # type: ignore[method-assign]
+
+
+_WORKER_MODEL: Any = None
+
+
+def _load_worker_model(models_dir: str) -> None:
+    global _WORKER_MODEL
+    from filterd.classify.registry import ModelHolder
+
+    _WORKER_MODEL = ModelHolder(Path(models_dir)).current()
+
+
+def _worker_score(raw: bytes) -> float:
+    return float(_WORKER_MODEL.score(raw))
+
+
+def classifier_in_processes(workers: int) -> None:
+    """Score messages in a pool of worker processes instead of under the daemon's GIL.
+
+    Measures the proposal "the CPU-bound classifier off the GIL": the daemon
+    then only ships the message head (<= [classifier] max_bytes) to a worker.
+    Workers load the active model once (model reloads are not followed here).
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from filterd.classify import model as model_mod
+    from filterd.settings import resolve_path
+
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("forkserver"),
+        initializer=_load_worker_model,
+        initargs=(str(resolve_path("models")),),
+    )
+
+    # Start every worker now (they load the model), not during the measurement.
+    warm = b"Subject: warm-up\r\n\r\nhello\r\n"
+    for future in [pool.submit(_worker_score, warm) for _ in range(workers)]:
+        future.result(timeout=120)
+
+    def score(self: Any, raw: bytes) -> float:
+        return float(pool.submit(_worker_score, bytes(raw)).result(timeout=20))
+
+    model_mod.SpamModel.score = score  # type: ignore[method-assign]
+
+
 def main() -> None:
     wanted = [n.strip() for n in os.environ.get("BENCH_MILTER_REPLY", "").split(",") if n.strip()]
     if wanted:
         changed = require_replies(wanted)
         print(f"milter_variants: replies required for {changed}", file=sys.stderr, flush=True)
+    interval = os.environ.get("BENCH_SWITCH_INTERVAL")
+    if interval:
+        # The GIL hand-over interval (default 5 ms): how long a thread whose I/O
+        # is done may wait while another thread computes.
+        sys.setswitchinterval(float(interval))
+    if os.environ.get("BENCH_SERIAL_CHECKS"):
+        serial_checks()
+    if os.environ.get("BENCH_CLASSIFIER_PROCESSES"):
+        classifier_in_processes(int(os.environ["BENCH_CLASSIFIER_PROCESSES"]))
     nodelay_port = os.environ.get("BENCH_MILTER_NODELAY_PORT")
     if nodelay_port:
         import threading

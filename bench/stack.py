@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -82,6 +83,7 @@ class BenchDaemon(DaemonProcess):
         kind: str,
         reply_events: str = "",
         nodelay: bool = False,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.kind = kind
         self.port = free_port() if kind == "inet" else 0
@@ -92,7 +94,11 @@ class BenchDaemon(DaemonProcess):
             env["BENCH_MILTER_REPLY"] = reply_events
         if nodelay and kind == "inet":
             env["BENCH_MILTER_NODELAY_PORT"] = str(self.port)
+        extra_env = extra_env or {}
+        env.update(extra_env)
+        # Anything but FILTERD_* settings overrides needs the variant entry point.
         self.variant = bool(reply_events) or (nodelay and kind == "inet")
+        self.variant |= any(not k.startswith("FILTERD_") for k in extra_env)
         super().__init__(workdir, config, env)
 
     def start(self, timeout: float = 30.0) -> BenchDaemon:
@@ -219,6 +225,8 @@ def daemon_settings(
         if not dns_cache:
             # Every message pays its lookups, as mail from ever new senders does.
             data[section].update(cache_max_ttl=0.0, cache_negative_ttl=0.0)
+    if not dns_cache:
+        data["dnsbl"]["transaction_cache_seconds"] = 0.0
     # The load comes from 127.0.0.1; look it up anyway so the IP list costs what it costs.
     data["dnsbl"]["skip_private"] = False
     return data
@@ -243,6 +251,8 @@ class DaemonSpec:
     kind: str  # "unix" | "inet"
     reply_events: str = ""  # see BenchDaemon
     nodelay: bool = False  # TCP_NODELAY on the listener (bench/milter_variants.py)
+    #: FILTERD_* settings overrides, or BENCH_* switches of bench/milter_variants.py
+    env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -300,7 +310,12 @@ def running_stack(
         cfg = write_toml(base / "filterd.toml", stack.config)
         for spec in daemons:
             daemon = BenchDaemon(
-                base / f"daemon-{spec.name}", cfg, spec.kind, spec.reply_events, spec.nodelay
+                base / f"daemon-{_dirname(spec.name)}",
+                cfg,
+                spec.kind,
+                spec.reply_events,
+                spec.nodelay,
+                dict(spec.env),
             )
             es.callback(daemon.stop)
             daemon.start(timeout=60)
@@ -308,7 +323,7 @@ def running_stack(
         for target in targets:
             milter = None if target.daemon is None else stack.daemons[target.daemon]
             server = PostfixServer(
-                base / f"pf-{target.name}",
+                base / f"pf-{_dirname(target.name)}",
                 sink.port,
                 milter=None if milter is None else milter.milter_for_postfix,
                 milter_default_action="reject",
@@ -317,6 +332,11 @@ def running_stack(
             stack.postfix[target.name] = es.enter_context(server)
             stack.targets[target.name] = target
         yield stack
+
+
+def _dirname(name: str) -> str:
+    """A variant's name as a directory name (Postfix paths must not hold spaces)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
 def queue_size(postfix: PostfixServer) -> int:

@@ -8,6 +8,7 @@ that unit tests can build them by hand.
 from __future__ import annotations
 
 import email
+import email.parser
 import email.policy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -163,15 +164,26 @@ class Message:
 
     @cached_property
     def parsed(self) -> EmailMessage:
-        """The parsed message; the stdlib parser never raises on bad input."""
-        msg = email.message_from_bytes(self.raw, policy=email.policy.default)
+        """The whole message parsed; materialises it, so checks prefer ``parse_head``."""
+        return _parse(self.raw)
+
+    def parse_head(self, limit: int) -> EmailMessage:
+        """The first ``limit`` bytes parsed (a cut MIME tree parses with defects)."""
+        return _parse(self.head(limit))
+
+    @cached_property
+    def headers(self) -> EmailMessage:
+        """The header block alone, parsed: header lookups never touch the body."""
+        msg = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(
+            self.header_block
+        )
         assert isinstance(msg, EmailMessage)
         return msg
 
     def header(self, name: str) -> str | None:
         """First value of a header, decoded leniently; None when absent."""
         try:
-            value = self.parsed.get(name)
+            value = self.headers.get(name)
         except Exception:  # noqa: BLE001 - malformed header: treat as absent
             return None
         return None if value is None else str(value)
@@ -180,6 +192,13 @@ class Message:
     def message_id(self) -> str | None:
         value = self.header("Message-ID")
         return value.strip() if value else None
+
+
+def _parse(raw: bytes) -> EmailMessage:
+    """The stdlib parser never raises on bad input; it records defects."""
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    return msg
 
 
 def _header_end(raw: bytes) -> int:

@@ -49,21 +49,38 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 
 
 class DaemonProcess:
-    def __init__(self, workdir: Path, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: Path,
+        env: dict[str, str] | None = None,
+        tcp_port: int | None = None,
+    ) -> None:
         self.workdir = workdir
         self.config = config
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "filterd.log"
         self.socket_path = workdir / "milter.sock"
+        self.tcp_port = tcp_port
+
+    @property
+    def milter_socket(self) -> str:
+        """The daemon's socket in libmilter notation."""
+        if self.tcp_port:
+            return f"inet:{self.tcp_port}@127.0.0.1"
+        return f"unix:{self.socket_path}"
 
     @property
     def milter_for_postfix(self) -> str:
+        """The same socket in Postfix's smtpd_milters notation."""
+        if self.tcp_port:
+            return f"inet:127.0.0.1:{self.tcp_port}"
         return f"unix:{self.socket_path}"
 
     def start(self, timeout: float = 30.0) -> DaemonProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FILTERD_")}
-        env.update({"FILTERD_MILTER_SOCKET": f"unix:{self.socket_path}", **self.env})
+        env.update({"FILTERD_MILTER_SOCKET": self.milter_socket, **self.env})
         env["PYTHONUNBUFFERED"] = "1"
         self.workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.workdir, 0o755)
@@ -87,11 +104,15 @@ class DaemonProcess:
         raise RuntimeError(f"filterd did not listen in {timeout}s:\n{self.log()[-3000:]}")
 
     def _answers(self) -> bool:
-        if not self.socket_path.exists():
+        if self.tcp_port:
+            family, address = socket.AF_INET, ("127.0.0.1", self.tcp_port)
+        elif self.socket_path.exists():
+            family, address = socket.AF_UNIX, str(self.socket_path)  # type: ignore[assignment]
+        else:
             return False
-        with socket.socket(socket.AF_UNIX) as s:
+        with socket.socket(family) as s:
             try:
-                s.connect(str(self.socket_path))
+                s.connect(address)
             except OSError:
                 return False
         return True

@@ -244,3 +244,21 @@ def test_message_over_the_spool_limit_gets_the_configured_verdict(
         assert result.data is not None
         assert f"{result.data.code} {result.data.text}".startswith(expect), result.data
         assert send_mail(postfix.port, FROM, [TO], plain()).accepted
+
+
+def test_tcp_socket_works_through_postfix(tmp_path: Path, stack: dict) -> None:
+    """The inet socket is the other documented choice; same verdicts as unix."""
+    from filterd.devservers import free_port
+
+    base = make_reachable(tmp_path)
+    cfg = daemon_config(base / "f.toml", stack["clamd"], ["antivirus"], base / "st")
+    with (
+        DaemonProcess(base / "d", cfg, tcp_port=free_port()) as daemon,
+        SmtpSink(base / "sink") as sink,
+        PostfixServer(
+            base / "pf", sink.port, milter=daemon.milter_for_postfix, milter_default_action="reject"
+        ) as postfix,
+    ):
+        assert send_mail(postfix.port, FROM, [TO], plain()).accepted
+        virus = send_mail(postfix.port, FROM, [TO], plain(body=eicar().decode()))
+        assert virus.data is not None and virus.data.code == 554

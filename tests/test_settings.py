@@ -29,7 +29,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_shipped_config_is_valid() -> None:
     settings = load_settings(DEFAULT_CONFIG, env={})
-    assert settings.milter.socket == "inet:8894@127.0.0.1"
+    assert settings.milter.socket == "unix:/run/filterd/milter.sock"
 
 
 def test_unknown_key_is_named(tmp_path: Path) -> None:

@@ -36,6 +36,8 @@ class Config(ResolverSettings):
     budget: float = 5.0
     # At most this many distinct link domains are looked up per message.
     max_uri_lookups: int = 20
+    # Links are read from the top of the message only: a 25 MB attachment is not parsed.
+    max_bytes: int = 1024 * 1024
     check_from: bool = True
     check_body: bool = True
     # Registered domains never looked up (your own domains, busy safe ones):
@@ -96,7 +98,7 @@ class UriblCheck:
             subjects += [domain_subject("from", d) for d in from_domains(message) if d not in skip]
         if self.config.check_body and self.engine.serves("body") and self.config.max_uri_lookups:
             try:
-                domains = link_domains(message.parsed, skip)
+                domains = link_domains(message.parse_head(self.config.max_bytes), skip)
             except Exception as exc:  # noqa: BLE001 - a malformed MIME tree is not a failure
                 log.info("uribl: cannot read the message body: %s", type(exc).__name__)
                 domains = []

@@ -391,6 +391,8 @@ _WORD_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)?|[$€£¥!]|_url_|_email_")
 _MONEY_RE = re.compile(r"[$€£]\s?\d")
 _ZERO_WIDTH_RE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
 _MIXED_SCRIPT_RE = re.compile(r"(?=\w*[a-zA-Z])(?=\w*[\u0400-\u04ff])\w+")
+# A mixed-script word needs a Cyrillic letter: finding none first is much cheaper.
+_CYRILLIC_RE = re.compile(r"[\u0400-\u04ff]")
 _SHORTENERS = frozenset(
     [
         "bit.ly",
@@ -485,14 +487,16 @@ def _url_features(urls: Iterable[str], toks: list[str], from_rd: str) -> set[str
 
 def _text_features(text: str, toks: list[str], budget: int) -> int:
     """Tokenise decoded body text into words/bigrams + shape signals. Returns words used."""
-    letters = sum(1 for c in text[:20000] if c.isalpha())
-    upper = sum(1 for c in text[:20000] if c.isupper())
+    head = text[:20000]
+    # map() over a C method: the same counts as per-character generators, ~3x faster.
+    letters = sum(map(str.isalpha, head))
+    upper = sum(map(str.isupper, head))
     toks.append(f"o:caps_ratio={_ratio_bucket(upper, letters)}")
     if _ZERO_WIDTH_RE.search(text):
         toks.append("o:zero_width")
-    if _MIXED_SCRIPT_RE.search(text[:50000]):
+    if _CYRILLIC_RE.search(text, 0, 50000) and _MIXED_SCRIPT_RE.search(text[:50000]):
         toks.append("o:mixed_script_word")
-    nonascii = sum(1 for c in text[:20000] if ord(c) > 127)
+    nonascii = len(head) - len(head.encode("ascii", "ignore"))
     toks.append(f"o:nonascii_ratio={_ratio_bucket(nonascii, max(1, min(len(text), 20000)))}")
     toks.append(f"n:money={_bucket(len(_MONEY_RE.findall(text[:50000])))}")
     toks.append(f"n:excl={_bucket(text.count('!'))}")
