@@ -215,7 +215,13 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
         rcpt_findings = [f for d in self.accepted for f in d.findings]
         decision = self.runtime.pipeline.judge_message(message, rcpt_findings)
         self._apply(decision)
+        records_start = time.monotonic()
         self.runtime.notify_message(message, decision)
+        records_ms = (time.monotonic() - records_start) * 1000
+        rcpt_ms: dict[str, float] = {}
+        for accepted in self.accepted:
+            for name, seconds in accepted.timings.items():
+                rcpt_ms[name] = rcpt_ms.get(name, 0.0) + seconds * 1000
         log.info(
             "message judged",
             extra={
@@ -225,7 +231,10 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
                 "code": decision.reason_code,
                 "size": message.size,
                 "ms": round((time.monotonic() - start) * 1000, 1),
+                # Per check, wall time (concurrent checks include waiting for the GIL).
                 "timings_ms": {k: round(v * 1000, 1) for k, v in decision.timings.items()},
+                "rcpt_timings_ms": {k: round(v, 1) for k, v in rcpt_ms.items()},
+                "records_ms": round(records_ms, 1),
             },
         )
         self._end_transaction()

@@ -124,9 +124,11 @@ class Pipeline:
                 findings.append(_failure(check, f"{type(exc).__name__}: {exc}"))
         return findings
 
-    def recipient_findings(self, envelope: Envelope, recipient: str) -> list[Finding]:
+    def recipient_findings(
+        self, envelope: Envelope, recipient: str, timings: dict[str, float] | None = None
+    ) -> list[Finding]:
         deadline = time.monotonic() + self.settings.pipeline.rcpt_budget_seconds
-        timings: dict[str, float] = {}
+        timings = {} if timings is None else timings
         findings: list[Finding] = []
         # Sequential in configured order: an allowlist match early saves the
         # blocklist lookups that it would make irrelevant -- unless the match is
@@ -142,8 +144,13 @@ class Pipeline:
     def judge_recipient(
         self, envelope: Envelope, recipient: str, accepted_class: str | None
     ) -> RecipientDecision:
-        findings = self.recipient_findings(envelope, recipient)
-        return policy.decide_recipient(recipient, findings, self.settings.policy, accepted_class)
+        timings: dict[str, float] = {}
+        findings = self.recipient_findings(envelope, recipient, timings)
+        decision = policy.decide_recipient(
+            recipient, findings, self.settings.policy, accepted_class
+        )
+        decision.timings.update(timings)
+        return decision
 
     def judge_message(self, message: Message, rcpt_findings: Sequence[Finding]) -> Decision:
         """Content decision; ``rcpt_findings`` are those of the accepted recipients."""

@@ -218,6 +218,7 @@ class RecipientDecision:
     policy_class: str
     findings: tuple[Finding, ...] = ()
     reason_code: str = "OK"
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def exempt(self) -> bool:
