@@ -724,7 +724,7 @@ def test_env_override_of_actions() -> None:
 
 def test_walker_reports_positions_not_names() -> None:
     raw = mail((zip_bytes([("secret-plan.txt", b"x")]), "application/zip", "plan.zip"))
-    entries = list(walk(Message.from_bytes(raw).parsed, WalkLimits()))
+    entries = list(walk(Message.from_bytes(raw).iter_raw(), WalkLimits()))
     items = [e for e in entries if isinstance(e, Item)]
     assert [i.location for i in items] == ["part 1", "part 2", "part 2 > member 1"]
     assert items[2].names == ("secret-plan.txt",) and items[2].depth == 1

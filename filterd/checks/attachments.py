@@ -133,34 +133,34 @@ _LNK = bytes.fromhex("4c0000000114020000000000c000000000000046")
 
 
 def _pe(item: Item) -> bool:
-    data = item.data
+    data = item.head
     if not data.startswith(b"MZ") or len(data) < 0x40:
         return False
     (offset,) = struct.unpack_from("<I", data, 0x3C)
-    sig = data[offset : offset + 4]
+    sig = item.read_at(offset, 4)
     return sig == b"PE\0\0" or sig[:2] in (b"NE", b"LE", b"LX")
 
 
 def _elf(item: Item) -> bool:
-    return item.data.startswith(b"\x7fELF") and len(item.data) >= 20
+    return item.head.startswith(b"\x7fELF") and len(item.head) >= 20
 
 
 def _macho(item: Item) -> bool:
-    head = item.data[:4]
+    head = item.head[:4]
     if head in (b"\xfe\xed\xfa\xce", b"\xce\xfa\xed\xfe", b"\xfe\xed\xfa\xcf", b"\xcf\xfa\xed\xfe"):
-        return len(item.data) >= 28
-    if head == b"\xca\xfe\xba\xbe" and len(item.data) >= 8:
+        return len(item.head) >= 28
+    if head == b"\xca\xfe\xba\xbe" and len(item.head) >= 8:
         # Universal binary: a small architecture count (a Java class has its
         # version there, 45 and up).
-        count: int = struct.unpack_from(">I", item.data, 4)[0]
+        count: int = struct.unpack_from(">I", item.head, 4)[0]
         return 0 < count < 43
     return False
 
 
 def _java_class(item: Item) -> bool:
-    if not item.data.startswith(b"\xca\xfe\xba\xbe") or len(item.data) < 8:
+    if not item.head.startswith(b"\xca\xfe\xba\xbe") or len(item.head) < 8:
         return False
-    major: int = struct.unpack_from(">H", item.data, 6)[0]
+    major: int = struct.unpack_from(">H", item.head, 6)[0]
     return 45 <= major < 100
 
 
@@ -170,11 +170,12 @@ def _jar(item: Item) -> bool:
 
 
 def _lnk(item: Item) -> bool:
-    return item.data.startswith(_LNK)
+    return item.head.startswith(_LNK)
 
 
-def _ole_root_clsid(data: bytes) -> bytes | None:
-    """The root storage CLSID of an OLE compound file, when it is in ``data``."""
+def _ole_root_clsid(item: Item) -> bytes | None:
+    """The root storage CLSID of an OLE compound file, when it is in the content."""
+    data = item.head
     if not data.startswith(_OLE) or len(data) < 512:
         return None
     (shift,) = struct.unpack_from("<H", data, 0x1E)
@@ -182,40 +183,39 @@ def _ole_root_clsid(data: bytes) -> bytes | None:
     if shift not in (9, 12):
         return None
     start = (first_dir + 1) << shift
-    clsid = data[start + 0x50 : start + 0x60]
+    clsid = item.read_at(start + 0x50, 16)
     return clsid if len(clsid) == 16 else None
 
 
 def _msi(item: Item) -> bool:
-    return _ole_root_clsid(item.data) == _MSI_CLSID
+    return _ole_root_clsid(item) == _MSI_CLSID
 
 
 def _office_macro(item: Item) -> bool:
     if any(m.lower().rsplit("/", 1)[-1] == "vbaproject.bin" for m in item.members):
         return True
-    return item.data.startswith(_OLE) and _VBA_PROJECT in item.data
+    return item.head.startswith(_OLE) and item.contains(_VBA_PROJECT)
 
 
 def _cab(item: Item) -> bool:
-    return item.data.startswith(b"MSCF\0\0\0\0")
+    return item.head.startswith(b"MSCF\0\0\0\0")
 
 
 def _chm(item: Item) -> bool:
-    return item.data.startswith(b"ITSF\x03\0\0\0")
+    return item.head.startswith(b"ITSF\x03\0\0\0")
 
 
 def _iso(item: Item) -> bool:
     for offset in (0x8001, 0x8801, 0x9001):
-        if item.data[offset : offset + 5] in (b"CD001", b"BEA01", b"NSR02", b"NSR03"):
+        if item.head[offset : offset + 5] in (b"CD001", b"BEA01", b"NSR02", b"NSR03"):
             return True
     return False
 
 
 def _vhd(item: Item) -> bool:
-    data = item.data
-    if data.startswith((b"vhdxfile", b"conectix")):
+    if item.head.startswith((b"vhdxfile", b"conectix")):
         return True
-    return item.complete and len(data) >= 512 and data[-512:-504] == b"conectix"
+    return item.complete and item.size >= 512 and item.tail[-512:-504] == b"conectix"
 
 
 SNIFFERS: dict[str, Callable[[Item], bool]] = {
@@ -274,7 +274,7 @@ class AttachmentsCheck:
     bypassable = False
     gate = False
 
-    def __init__(self, config: Config, banned: BannedTypes) -> None:
+    def __init__(self, config: Config, banned: BannedTypes, spool_dir: str | None = None) -> None:
         self.config = config
         self.banned = banned
         self.on_failure: OnFailure = config.on_failure
@@ -282,6 +282,7 @@ class AttachmentsCheck:
             max_depth=config.max_zip_depth,
             max_members=config.max_zip_members,
             max_bytes=config.max_unpack_bytes,
+            spool_dir=spool_dir or None,
         )
 
     def close(self) -> None:
@@ -314,7 +315,8 @@ class AttachmentsCheck:
         # ``exempt`` is ignored on purpose: no allowlist lets programs through.
         rules = self.rules_for(message.envelope.recipients)
         findings: dict[tuple[str, str], Finding] = {}
-        for entry in walk(message.parsed, self.limits):
+        # Streamed from the spool: memory does not grow with the message (see mime_walk).
+        for entry in walk(message.iter_raw(), self.limits):
             found = (
                 self._obstacle(entry, rules)
                 if isinstance(entry, Obstacle)
@@ -368,4 +370,6 @@ class AttachmentsCheck:
 
 def build(config: Config, services: Services) -> AttachmentsCheck:
     path = services.settings.resolve_path(config.banned_file)
-    return AttachmentsCheck(config, load_banned(path))
+    # Decoded parts over 1 MiB go where the daemon spools message bodies.
+    spool_dir = services.settings.milter.spool_dir or None
+    return AttachmentsCheck(config, load_banned(path), spool_dir)
