@@ -9,6 +9,7 @@ its configured verdict instead of judging half a message).
 from __future__ import annotations
 
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -25,6 +26,7 @@ class MessageBuilder:
         self._headers: list[bytes] = []
         self._size = 0
         self._oversize = False
+        self._lock = threading.Lock()
         self._spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed by close()
             max_size=config.memory_spool_bytes, dir=config.spool_dir or None
         )
@@ -47,8 +49,17 @@ class MessageBuilder:
             self._spool.truncate(0)
 
     def _body(self) -> Iterator[bytes]:
-        self._spool.seek(0)
-        while chunk := self._spool.read(_CHUNK):
+        # Several checks stream the body at once (clamd, the attachment walk):
+        # each reader keeps its own offset, and seek+read happen under one lock,
+        # because the spool has a single shared file position.
+        offset = 0
+        while True:
+            with self._lock:
+                self._spool.seek(offset)
+                chunk = self._spool.read(_CHUNK)
+            if not chunk:
+                return
+            offset += len(chunk)
             yield chunk
 
     def build(self, recipients: tuple[str, ...], queue_id: str | None) -> Message:
