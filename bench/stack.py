@@ -37,6 +37,7 @@ from filterd.devservers import (  # noqa: E402
     SmtpSink,
     free_port,
     project_signature_dir,
+    write_config,
 )
 from tests.helpers_daemon import DaemonProcess  # noqa: E402
 
@@ -181,28 +182,6 @@ class BenchDaemon(DaemonProcess):
         return out
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value))
-
-
-def write_toml(path: Path, data: dict[str, dict[str, Any]]) -> Path:
-    lines = []
-    for section, keys in data.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml(value)}" for key, value in keys.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
-
-
 def model_available() -> bool:
     """A promoted classifier model exists (models/ACTIVE names a directory)."""
     active = ROOT / "models" / "ACTIVE"
@@ -307,7 +286,7 @@ def running_stack(
         stack.config = daemon_settings(
             base / "state", redis.url, clamd.address, rbl.nameserver, classifier, dns_cache
         )
-        cfg = write_toml(base / "filterd.toml", stack.config)
+        cfg = write_config(base / "filterd.toml", stack.config)
         for spec in daemons:
             daemon = BenchDaemon(
                 base / f"daemon-{_dirname(spec.name)}",

@@ -53,6 +53,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ipaddress
+import json
 import os
 import pty
 import pwd
@@ -69,7 +70,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, NamedTuple, Self
+from typing import Any, Literal, NamedTuple, Self
 
 import dns.exception
 import dns.message
@@ -96,7 +97,9 @@ __all__ = [
     "make_reachable",
     "project_signature_dir",
     "send_mail",
+    "toml_value",
     "wait_for_tcp",
+    "write_config",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -1582,3 +1585,31 @@ def _converse(
         result.data = _reply(code, msg)
     except smtplib.SMTPDataError as exc:  # DATA itself refused
         result.data = _reply(exc.smtp_code, exc.smtp_error)
+
+
+# --------------------------------------------------------------------------------------------
+# filterd configuration files for the daemons these servers surround
+
+
+def toml_value(value: Any) -> str:
+    """A TOML value; dicts become inline tables, so lists of tables work too."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    """A filterd config file with these sections; keys not given keep their defaults."""
+    lines = []
+    for name, keys in sections.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in keys.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path

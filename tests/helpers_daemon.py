@@ -8,7 +8,6 @@ PID. Tests read its structured stderr log from ``log_path``.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -17,35 +16,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from filterd.devservers import PostfixServer
+from filterd.devservers import PostfixServer, toml_value, write_config
+
+__all__ = ["DaemonProcess", "filtered_postfix", "toml_value", "write_config"]
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def toml_value(value: Any) -> str:
-    """A TOML value; dicts become inline tables, so lists of tables work too."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
-
-
-def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    """A config file: the shipped defaults of each section, overridden by ``sections``."""
-    lines = []
-    for name, keys in sections.items():
-        lines.append(f"[{name}]")
-        lines.extend(f"{k} = {toml_value(v)}" for k, v in keys.items())
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
 
 
 class DaemonProcess:
