@@ -491,11 +491,36 @@ class _ChildServer(_Stoppable):
         self._started_once = True
 
 
+class _PortOrSocketServer(_ChildServer):
+    """A server on a loopback TCP port or a unix socket, logging to its own file.
+
+    Subclasses set ``_logfile``, ``_output``, ``_port`` and ``socket_path``.
+    """
+
+    _logfile: Path
+    _output: Path
+    _port: int
+    socket_path: Path | None
+
+    def _log_files(self) -> list[Path]:
+        return [self._logfile, self._output]
+
+    def _rebind(self) -> bool:
+        if self.socket_path is not None:
+            return False
+        self._port = free_port()
+        return True
+
+    def _after_stop(self) -> None:
+        if self.socket_path is not None:
+            self.socket_path.unlink(missing_ok=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Redis
 
 
-class RedisServer(_ChildServer):
+class RedisServer(_PortOrSocketServer):
     """A private ``redis-server`` on 127.0.0.1 (or a unix socket).
 
     Non-persistent by default so tests never leave data behind; ``persistent=True`` is for
@@ -566,25 +591,12 @@ class RedisServer(_ChildServer):
             sock.sendall(b"PING\r\n")
             return _read_line(sock).startswith(b"+PONG")
 
-    def _log_files(self) -> list[Path]:
-        return [self._logfile, self._output]
-
-    def _rebind(self) -> bool:
-        if self.socket_path is not None:
-            return False
-        self._port = free_port()
-        return True
-
-    def _after_stop(self) -> None:
-        if self.socket_path is not None:
-            self.socket_path.unlink(missing_ok=True)
-
 
 # --------------------------------------------------------------------------------------------
 # clamd
 
 
-class ClamdServer(_ChildServer):
+class ClamdServer(_PortOrSocketServer):
     """A private clamd with its own config, database directory and temp directory.
 
     TemporaryDirectory points into workdir so scanned mail never lands in a shared /tmp.
@@ -696,19 +708,6 @@ class ClamdServer(_ChildServer):
                     break
                 reply += chunk
             return reply.rstrip(b"\0") == b"PONG"
-
-    def _log_files(self) -> list[Path]:
-        return [self._logfile, self._output]
-
-    def _rebind(self) -> bool:
-        if self.socket_path is not None:
-            return False
-        self._port = free_port()
-        return True
-
-    def _after_stop(self) -> None:
-        if self.socket_path is not None:
-            self.socket_path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------

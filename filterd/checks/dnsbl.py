@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from filterd.checks.base import Services
-from filterd.dnsbl.engine import Engine, Subject, domain_subject, ip_subject
+from filterd.dnsbl.engine import Engine, EngineCheck, Subject, domain_subject, ip_subject
 from filterd.dnsbl.links import registered_domain
 from filterd.dnsbl.lists import CodeRule, ListConfig, ResolverSettings, spamhaus_dbl
 from filterd.settings import Settings
@@ -83,7 +83,9 @@ def _domain(name: str | None) -> str | None:
     return registered_domain(name) if name else None
 
 
-class DnsblCheck:
+class DnsblCheck(EngineCheck):
+    config: Config
+
     name = "dnsbl"
     bypassable = True
     gate = False
@@ -94,15 +96,6 @@ class DnsblCheck:
         self.engine = engine or Engine(config, check="dnsbl", prefix="DNSBL")
         self._memo: OrderedDict[tuple[Any, ...], tuple[float, tuple[Finding, ...]]] = OrderedDict()
         self._lock = threading.Lock()
-
-    def close(self) -> None:
-        self.engine.close()
-
-    def stats(self) -> dict[str, int]:
-        return self.engine.stats()
-
-    def selftest(self) -> list[str]:
-        return self.engine.selftest() if self.config.enabled else []
 
     def subjects(self, envelope: Envelope) -> list[Subject]:
         """What this transaction exposes to the lists, after the skip rules."""

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import field_validator
 
 from filterd.checks.base import Services
-from filterd.dnsbl.engine import Engine, Subject, domain_subject
+from filterd.dnsbl.engine import Engine, EngineCheck, Subject, domain_subject
 from filterd.dnsbl.links import link_domains, registered_domain
 from filterd.dnsbl.lists import ListConfig, ResolverSettings, spamhaus_dbl, split_list
 from filterd.settings import Settings
@@ -72,7 +72,9 @@ def from_domains(message: Message) -> list[str]:
     return domains
 
 
-class UriblCheck:
+class UriblCheck(EngineCheck):
+    config: Config
+
     name = "uribl"
     bypassable = True
     gate = False
@@ -81,15 +83,6 @@ class UriblCheck:
         self.config = config
         self.on_failure: Literal["tempfail", "accept"] = config.on_failure
         self.engine = engine or Engine(config, check="uribl", prefix="URIBL")
-
-    def close(self) -> None:
-        self.engine.close()
-
-    def stats(self) -> dict[str, int]:
-        return self.engine.stats()
-
-    def selftest(self) -> list[str]:
-        return self.engine.selftest() if self.config.enabled else []
 
     def subjects(self, message: Message) -> list[Subject]:
         subjects: list[Subject] = []

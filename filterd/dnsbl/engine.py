@@ -276,3 +276,19 @@ class Engine:
                     f"{where}: lists {entry}, which no list may list: it would block everything"
                 )
         return problems
+
+
+class EngineCheck:
+    """What the RCPT-time and end-of-message list checks share around their Engine."""
+
+    engine: Engine
+    config: ResolverSettings
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def stats(self) -> dict[str, int]:
+        return self.engine.stats()
+
+    def selftest(self) -> list[str]:
+        return self.engine.selftest() if self.config.enabled else []
