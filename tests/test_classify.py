@@ -433,11 +433,14 @@ def test_cli_train_evaluate_promote(tmp_path: Path) -> None:
             "2",
             "--folds",
             "3",
+            "--ensemble",
+            "2",
             "--no-progress",
         ],
     )
     assert r.exit_code == 0, r.output
     assert "thresholds" in r.output
+    assert "averaged over 2 runs" in (mdir / "cli1" / "card.json").read_text()
     r = runner.invoke(model_cmd, ["promote", "cli1", "--models-dir", str(mdir)])
     assert r.exit_code == 0, r.output
     r = runner.invoke(model_cmd, ["list"], env={registry.ENV_MODELS_DIR: str(mdir)})

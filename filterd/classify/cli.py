@@ -95,6 +95,13 @@ def _resolve_model(spec: str, models_dir: str | None) -> Path:
 )
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 10**6))
 @click.option(
+    "--ensemble",
+    default=5,
+    show_default=True,
+    type=click.IntRange(1, 50),
+    help="Independent SGD runs whose weights are averaged (steadier thresholds).",
+)
+@click.option(
     "--description", default="", help="Free text for the model card (training data description)."
 )
 @click.option(
@@ -117,6 +124,7 @@ def train(  # type: ignore[no-untyped-def]
     ham_weight,
     folds,
     batch_size,
+    ensemble,
     description,
     tmp_dir,
     do_promote,
@@ -135,6 +143,7 @@ def train(  # type: ignore[no-untyped-def]
         epochs=epochs,
         ham_weight=ham_weight,
         batch_size=batch_size,
+        ensemble=ensemble,
         folds=folds,
         reject_fpr=reject_fpr,
         tag_fpr=tag_fpr,
