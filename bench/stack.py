@@ -15,8 +15,6 @@ import contextlib
 import json
 import os
 import re
-import socket
-import subprocess
 import sys
 import time
 import tomllib
@@ -29,7 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from filterd.devservers import (  # noqa: E402
-    LOOPBACK,
     ClamdServer,
     PostfixServer,
     RbldnsdServer,
@@ -89,8 +86,6 @@ class BenchDaemon(DaemonProcess):
         self.kind = kind
         self.port = free_port() if kind == "inet" else 0
         env = {}
-        if kind == "inet":
-            env["FILTERD_MILTER_SOCKET"] = f"inet:{self.port}@{LOOPBACK}"
         if reply_events:
             env["BENCH_MILTER_REPLY"] = reply_events
         if nodelay and kind == "inet":
@@ -100,48 +95,13 @@ class BenchDaemon(DaemonProcess):
         # Anything but FILTERD_* settings overrides needs the variant entry point.
         self.variant = bool(reply_events) or (nodelay and kind == "inet")
         self.variant |= any(not k.startswith("FILTERD_") for k in extra_env)
-        super().__init__(workdir, config, env)
+        super().__init__(workdir, config, env, tcp_port=self.port or None)
 
-    def start(self, timeout: float = 30.0) -> BenchDaemon:
+    def command(self) -> list[str]:
         if not self.variant:
-            super().start(timeout)
-            return self
-        # DaemonProcess.start's pattern, through the variant entry point.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FILTERD_")}
-        env.update({"FILTERD_MILTER_SOCKET": f"unix:{self.socket_path}", **self.env})
-        env["PYTHONUNBUFFERED"] = "1"
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.workdir, 0o755)
+            return super().command()
         variant = Path(__file__).with_name("milter_variants.py")
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(variant), "serve", "--config", str(self.config)],
-                cwd=ROOT, env=env, stdout=log, stderr=log,
-            )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"filterd exited at start:\n{self.log()[-3000:]}")
-            if self._answers():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"filterd did not listen in {timeout}s:\n{self.log()[-3000:]}")
-
-    @property
-    def milter_for_postfix(self) -> str:
-        if self.kind == "inet":
-            return f"inet:{LOOPBACK}:{self.port}"
-        return super().milter_for_postfix
-
-    def _answers(self) -> bool:
-        if self.kind != "inet":
-            return super()._answers()
-        try:
-            with socket.create_connection((LOOPBACK, self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
+        return [sys.executable, str(variant), "serve", "--config", str(self.config)]
 
     @property
     def pid(self) -> int:

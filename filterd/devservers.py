@@ -502,6 +502,11 @@ class _PortOrSocketServer(_ChildServer):
     _port: int
     socket_path: Path | None
 
+    @property
+    def port(self) -> int | None:
+        """TCP port, or None for a unix-socket instance."""
+        return self._port or None
+
     def _log_files(self) -> list[Path]:
         return [self._logfile, self._output]
 
@@ -541,11 +546,6 @@ class RedisServer(_PortOrSocketServer):
         self.socket_path: Path | None = self.workdir / "redis.sock" if unix_socket else None
         self._port = 0 if unix_socket else free_port()
         self._logfile = self.workdir / "redis.log"
-
-    @property
-    def port(self) -> int | None:
-        """TCP port, or None for a unix-socket instance."""
-        return self._port or None
 
     @property
     def url(self) -> str:
@@ -627,10 +627,6 @@ class ClamdServer(_PortOrSocketServer):
         self.config_path = self.workdir / "clamd.conf"
         self._logfile = self.workdir / "clamd.log"
         self._tmpdir = self.workdir / "tmp"
-
-    @property
-    def port(self) -> int | None:
-        return self._port or None
 
     @property
     def address(self) -> str:

@@ -54,6 +54,10 @@ class DaemonProcess:
             return f"inet:127.0.0.1:{self.tcp_port}"
         return f"unix:{self.socket_path}"
 
+    def command(self) -> list[str]:
+        """How the daemon is started: exactly as an operator runs it."""
+        return [sys.executable, "-m", "filterd", "serve", "--config", str(self.config)]
+
     def start(self, timeout: float = 30.0) -> DaemonProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FILTERD_")}
         env.update({"FILTERD_MILTER_SOCKET": self.milter_socket, **self.env})
@@ -62,7 +66,7 @@ class DaemonProcess:
         os.chmod(self.workdir, 0o755)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "filterd", "serve", "--config", str(self.config)],
+            self.command(),
             cwd=ROOT,
             env=env,
             stdout=log,
