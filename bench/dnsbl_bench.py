@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,9 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.servers
+
 from filterd.checks import dnsbl, uribl
-from filterd.devservers import RbldnsdServer, SilentUdpServer
 from filterd.types import Envelope, Message
+from tests.servers import RbldnsdServer, SilentUdpServer
 
 ZEN: dict[str, Any] = {
     "id": "ZEN",

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from filterd.devservers import LOOPBACK
+from filterd.services.launcher import LOOPBACK
 
 HELO = "mail.example.net"
 FROM = "alice@example.net"

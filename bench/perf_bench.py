@@ -7,7 +7,7 @@
 
 One private stack on loopback (bench/stack.py): Redis, clamd with the project's
 test signatures, rbldnsd serving ZEN/DBL-shaped zones, smtp-sink, and one
-Postfix instance per configuration, all started with filterd.devservers:
+Postfix instance per configuration, all started with tests.servers:
 
   a) ``none``: Postfix with no milter -- the ceiling;
   b) ``unix`` / ``inet``: Postfix with the real filterd daemon, every check on
@@ -62,7 +62,7 @@ import messages
 import stack as st
 import stages
 
-from filterd.devservers import make_reachable
+from filterd.services.launcher import make_reachable
 
 OUT = Path(__file__).resolve().parent / "out"
 STAGES = ("antivirus", "attachments", "uribl", "classifier", "total")

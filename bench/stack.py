@@ -2,7 +2,7 @@
 
 Why a module of its own: the benchmark must measure what an operator runs,
 so it starts the real programs with the project's launchers
-(``filterd.devservers``) and the real daemon as ``tests/helpers_daemon.py``
+(``tests.servers``) and the real daemon as ``tests/helpers_daemon.py``
 does, and only adds what a bench needs on top: a sink that does not write
 every message to disk, a daemon on a TCP socket as well as a unix one, the
 daemon's peak RSS, and one Postfix instance per configuration so the same
@@ -26,7 +26,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from filterd.devservers import (  # noqa: E402
+from tests.helpers_daemon import DaemonProcess  # noqa: E402
+from tests.servers import (  # noqa: E402
     ClamdServer,
     PostfixServer,
     RbldnsdServer,
@@ -36,7 +37,6 @@ from filterd.devservers import (  # noqa: E402
     project_signature_dir,
     write_config,
 )
-from tests.helpers_daemon import DaemonProcess  # noqa: E402
 
 # Zones shaped like Spamhaus ZEN (IP) and DBL (domains); the shipped list
 # definitions in rules/filterd.toml are used unchanged, only the nameserver

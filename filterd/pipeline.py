@@ -8,15 +8,15 @@ and hands all findings to ``filterd.policy``.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from dataclasses import dataclass
 
 from filterd import policy
+from filterd.checks import REGISTRY
 from filterd.checks.base import Check, MessageCheck, RecipientCheck, Services
 from filterd.settings import Settings
 from filterd.types import Decision, Effect, Envelope, Finding, Message, RecipientDecision, SmtpReply
@@ -48,7 +48,7 @@ def build_checks(settings: Settings, services: Services) -> dict[str, Check]:
     built: dict[str, Check] = {}
     try:
         for name in names:
-            module = importlib.import_module(f"filterd.checks.{name}")
+            module = REGISTRY[name]
             config = settings.section(module.SECTION)
             try:
                 built[name] = module.build(config, services)
@@ -91,20 +91,21 @@ class Pipeline:
 
     def _run(
         self,
-        calls: Sequence[tuple[Check, Callable[[], Sequence[Finding]]]],
+        checks: Sequence[Check],
+        work: RecipientWork | MessageWork,
         deadline: float,
         timings: dict[str, float],
     ) -> list[Finding]:
-        """Run calls concurrently (the first inline), bounded by ``deadline``."""
-        if not calls:
+        """Run checks concurrently (the first inline), bounded by ``deadline``."""
+        if not checks:
             return []
         futures: list[tuple[Check, Future[tuple[Sequence[Finding], float]]]] = [
-            (check, self._pool.submit(_timed, fn)) for check, fn in calls[1:]
+            (check, self._pool.submit(_timed, check, work)) for check in checks[1:]
         ]
         findings: list[Finding] = []
-        first, first_fn = calls[0]
+        first = checks[0]
         try:
-            result, spent = _timed(first_fn)
+            result, spent = _timed(first, work)
             timings[first.name] = timings.get(first.name, 0.0) + spent
             findings.extend(result)
         except Exception as exc:  # noqa: BLE001 - a check's failure is evidence
@@ -136,9 +137,8 @@ class Pipeline:
         for check in self.recipient_checks:
             if check.bypassable and policy.policy_class(findings) == "exempt":
                 continue
-            findings.extend(
-                self._run([(check, _bind_rcpt(check, envelope, recipient))], deadline, timings)
-            )
+            work = RecipientWork(envelope, recipient)
+            findings.extend(self._run([check], work, deadline, timings))
         return findings
 
     def judge_recipient(
@@ -160,16 +160,10 @@ class Pipeline:
         findings = _dedupe(rcpt_findings)
         exempt = policy.is_exempt(findings)
         for check in (c for c in self.message_checks if c.gate):
-            findings.extend(
-                self._run([(check, _bind_msg(check, message, exempt))], deadline, timings)
-            )
+            findings.extend(self._run([check], MessageWork(message, exempt), deadline, timings))
             exempt = policy.is_exempt(findings)
-        rest = [
-            (c, _bind_msg(c, message, exempt))
-            for c in self.message_checks
-            if not c.gate and not (exempt and c.bypassable)
-        ]
-        findings.extend(self._run(rest, deadline, timings))
+        rest = [c for c in self.message_checks if not c.gate and not (exempt and c.bypassable)]
+        findings.extend(self._run(rest, MessageWork(message, exempt), deadline, timings))
         decision = policy.decide_message(
             message, findings, self.settings.policy, self.settings.milter
         )
@@ -178,18 +172,35 @@ class Pipeline:
         return decision
 
 
-def _timed(fn: Callable[[], Sequence[Finding]]) -> tuple[Sequence[Finding], float]:
+@dataclass(frozen=True)
+class RecipientWork:
+    """What a RCPT-phase check is asked about."""
+
+    envelope: Envelope
+    recipient: str
+
+
+@dataclass(frozen=True)
+class MessageWork:
+    """What an end-of-message check is asked about."""
+
+    message: Message
+    exempt: bool
+
+
+def _call(check: Check, work: RecipientWork | MessageWork) -> Sequence[Finding]:
+    """The one place a check's phase method is called (the pipeline validated the phase)."""
+    if isinstance(work, MessageWork):
+        assert isinstance(check, MessageCheck)
+        return check.check_message(work.message, work.exempt)
+    assert isinstance(check, RecipientCheck)
+    return check.check_recipient(work.envelope, work.recipient)
+
+
+def _timed(check: Check, work: RecipientWork | MessageWork) -> tuple[Sequence[Finding], float]:
     start = time.monotonic()
-    result = fn()
+    result = _call(check, work)
     return result, time.monotonic() - start
-
-
-def _bind_rcpt(check: RecipientCheck, envelope: Envelope, recipient: str) -> Callable[[], Any]:
-    return lambda: check.check_recipient(envelope, recipient)
-
-
-def _bind_msg(check: MessageCheck, message: Message, exempt: bool) -> Callable[[], Any]:
-    return lambda: check.check_message(message, exempt)
 
 
 def _dedupe(findings: Sequence[Finding]) -> list[Finding]:

@@ -16,8 +16,8 @@ from typing import Protocol
 import redis
 
 from filterd.checks.base import Services
+from filterd.clients.redis import connect
 from filterd.pipeline import Pipeline, build_checks
-from filterd.redisclient import connect
 from filterd.settings import Settings
 from filterd.types import Decision, Envelope, Message, RecipientDecision
 

@@ -9,10 +9,8 @@ always name the file, the section and the key.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import logging
 import os
-import pkgutil
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +24,8 @@ from filterd.addresses import AddressError, parse_milter_socket
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "rules" / "filterd.toml"
 ENV_PREFIX = "FILTERD_"
+
+log = logging.getLogger("filterd.settings")
 
 
 class ConfigError(Exception):
@@ -103,26 +103,28 @@ _CORE_SECTIONS: dict[str, type[Section]] = {
     "daemon": DaemonConfig,
 }
 
-# Non-check modules that own a section: each defines SECTION and Config.
-_EXTRA_SECTION_MODULES: tuple[str, ...] = (
-    "filterd.records.config",
-    "filterd.allowlist.config",
-)
-
 
 def section_models() -> dict[str, type[Section]]:
-    """Every known section: core, each check module, each registered owner."""
-    import filterd.checks as checks_pkg
+    """Every known section: core, each registered check, the records section.
+
+    Imported here, not at the top: the check modules build on this module's
+    ``Section``, and the registry (``filterd.checks.REGISTRY``) is where their
+    names are listed, once.
+    """
+    from filterd.checks import REGISTRY
+    from filterd.records import config as records_config
 
     models: dict[str, type[Section]] = dict(_CORE_SECTIONS)
-    names = [f"filterd.checks.{m.name}" for m in pkgutil.iter_modules(checks_pkg.__path__)]
-    for modname in names + list(_EXTRA_SECTION_MODULES):
-        mod = importlib.import_module(modname)
-        section = getattr(mod, "SECTION", None)
-        config = getattr(mod, "Config", None)
-        if section and config is not None:
-            models.setdefault(section, config)
+    for module in REGISTRY.values():
+        models[module.SECTION] = module.Config
+    models[records_config.SECTION] = records_config.Config
     return models
+
+
+def _aliases() -> tuple[Mapping[str, str], Mapping[str, str]]:
+    from filterd.checks import CHECK_ALIASES, SECTION_ALIASES
+
+    return SECTION_ALIASES, CHECK_ALIASES
 
 
 @dataclass(frozen=True)
@@ -131,9 +133,18 @@ class Settings:
 
     source: Path
     sections: Mapping[str, Section] = field(default_factory=dict)
+    # Sections the configuration still names by a deprecated alias: {current: as written}.
+    written_as: Mapping[str, str] = field(default_factory=dict)
 
     def section(self, name: str) -> Any:
+        """A section by its name, or by a deprecated alias of it ([clamav])."""
+        if name not in self.sections:
+            name = _aliases()[0].get(name, name)
         return self.sections[name]
+
+    def section_label(self, name: str) -> str:
+        """``[name]`` as the operator's configuration spells it, for error messages."""
+        return f"[{self.written_as.get(name, name)}]"
 
     @property
     def milter(self) -> MilterConfig:
@@ -174,12 +185,27 @@ def _env_value(raw: str) -> Any:
         return raw
 
 
-def _apply_env(data: dict[str, Any], env: Mapping[str, str], known: set[str]) -> None:
+def _apply_env(
+    data: dict[str, Any],
+    env: Mapping[str, str],
+    known: set[str],
+    aliases: Mapping[str, str],
+    written_as: dict[str, str],
+) -> None:
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name == "FILTERD_CONFIG":
             continue
         rest = name[len(ENV_PREFIX) :].lower()
         section, _, key = rest.partition("_")
+        if section in aliases:
+            log.warning(
+                "deprecated environment name %s: use FILTERD_%s_%s",
+                name,
+                aliases[section].upper(),
+                key.upper(),
+            )
+            written_as.setdefault(aliases[section], section)
+            section = aliases[section]
         if section not in known or not key:
             raise ConfigError(
                 f"environment {name}: no section [{section}] (known: {sorted(known)})"
@@ -208,25 +234,57 @@ def load_settings(path: Path | str | None = None, env: Mapping[str, str] | None 
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     models = section_models()
+    section_aliases, check_aliases = _aliases()
+    written_as: dict[str, str] = {}
+    for old, new in section_aliases.items():
+        if old in data and isinstance(data[old], dict):
+            log.warning("%s: section [%s] is deprecated: call it [%s]", source, old, new)
+            written_as[new] = old
+            data[new] = {**data.pop(old), **data.get(new, {})}
     unknown = sorted(set(data) - set(models))
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {unknown} (known: {sorted(models)})")
     for name, value in data.items():
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: [{name}] must be a table, got {type(value).__name__}")
-    _apply_env(data, env, set(models))
+    _apply_env(data, env, set(models), section_aliases, written_as)
     sections: dict[str, Section] = {}
     errors: list[str] = []
     for name, model in models.items():
         try:
             sections[name] = model.model_validate(data.get(name, {}))
         except ValidationError as exc:
-            errors.append(_format_error(source, name, exc))
+            errors.append(_format_error(source, written_as.get(name, name), exc))
     if errors:
         raise ConfigError("\n".join(errors))
-    settings = Settings(source=source, sections=sections)
+    sections["pipeline"] = _pipeline_names(source, settings_pipeline(sections), check_aliases)
+    return Settings(source=source, sections=sections, written_as=written_as)
+
+
+def settings_pipeline(sections: Mapping[str, Section]) -> PipelineConfig:
+    pipeline = sections["pipeline"]
+    assert isinstance(pipeline, PipelineConfig)
+    return pipeline
+
+
+def _pipeline_names(
+    source: Path, pipeline: PipelineConfig, aliases: Mapping[str, str]
+) -> PipelineConfig:
+    """Check names in [pipeline], deprecated ones replaced (and logged); unknown ones refused."""
+    from filterd.checks import REGISTRY
+
+    update: dict[str, list[str]] = {}
     for phase in ("recipient_checks", "message_checks"):
-        for check in getattr(settings.pipeline, phase):
-            if importlib.util.find_spec(f"filterd.checks.{check}") is None:
+        names: list[str] = []
+        for check in getattr(pipeline, phase):
+            if check in aliases:
+                log.warning(
+                    "%s: [pipeline] %s: check %r is now called %r",
+                    source, phase, check, aliases[check],
+                )  # fmt: skip
+                check = aliases[check]
+            if check not in REGISTRY:
                 raise ConfigError(f"{source}: [pipeline] {phase}: unknown check {check!r}")
-    return settings
+            names.append(check)
+        update[phase] = names
+    return pipeline.model_copy(update=update)

@@ -1,4 +1,4 @@
-"""Shared fixtures: real servers on loopback, from filterd.devservers.
+"""Shared fixtures: real servers on loopback, from tests.servers.
 
 Servers that are slow to set up or stateless per test (Redis, clamd) are session-wide;
 anything a test configures (rbldnsd zones, Postfix settings, the sink's mailbox) is per test,
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from filterd.devservers import (
+from tests.servers import (
     ClamdServer,
     PostfixServer,
     RbldnsdServer,

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from filterd.devservers import PostfixServer, toml_value, write_config
+from tests.servers import PostfixServer, toml_value, write_config
 
 __all__ = ["DaemonProcess", "filtered_postfix", "toml_value", "write_config"]
 

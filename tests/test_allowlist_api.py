@@ -291,7 +291,7 @@ def test_api_command_serves(redis_url: str, tmp_path: Any) -> None:
     import sys
     import time
 
-    from filterd.devservers import free_port
+    from tests.servers import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FILTERD_")}

@@ -17,7 +17,9 @@ import redis
 from filterd.allowlist.config import Config
 from filterd.allowlist.entries import parse_entry, parse_target
 from filterd.allowlist.store import AllowlistStore
-from filterd.devservers import (
+from tests.conftest import eicar_bytes
+from tests.helpers_daemon import DaemonProcess, filtered_postfix, write_config
+from tests.servers import (
     ClamdServer,
     PostfixServer,
     RbldnsdServer,
@@ -27,8 +29,6 @@ from filterd.devservers import (
     project_signature_dir,
     send_mail,
 )
-from tests.conftest import eicar_bytes
-from tests.helpers_daemon import DaemonProcess, filtered_postfix, write_config
 
 pytestmark = pytest.mark.e2e
 

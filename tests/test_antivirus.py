@@ -1,7 +1,7 @@
 """The virus check against a real clamd with the project's own signature database.
 
 clamd is started privately on a free loopback port (and on a unix socket) by
-``filterd.devservers.ClamdServer``; outage tests stop, freeze (SIGSTOP) and
+``filterd.services.clamd.ClamdServer``; outage tests stop, freeze (SIGSTOP) and
 restart their own instance so the shared one stays up. The EICAR string is
 assembled from pieces so this file itself does not look infected to scanners.
 """
@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from filterd.checks import antivirus
 from filterd.checks.antivirus import AntivirusCheck, Config
 from filterd.checks.base import Services
-from filterd.clamd import (
+from filterd.clients.clamd import (
     ClamdClient,
     ClamdProtocolError,
     ClamdTimeout,
@@ -33,11 +33,11 @@ from filterd.clamd import (
     ScanResult,
     _verdict,
 )
-from filterd.devservers import ClamdServer, free_port, project_signature_dir
 from filterd.pipeline import Pipeline, build_checks
 from filterd.settings import ConfigError, Settings, load_settings
 from filterd.types import Action, Effect, Envelope, Finding, Message
 from tests.helpers_daemon import filtered_postfix
+from tests.servers import ClamdServer, free_port, project_signature_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-" + b"ANTIVIRUS-TEST-FILE!$H+H*"
@@ -464,8 +464,8 @@ def test_full_unix_listen_queue_waits_instead_of_failing(tmp_path: Path) -> None
 
 @pytest.mark.e2e
 def test_e2e_virus_refused_at_smtp_time_tempfail_while_clamd_is_down(tmp_path: Path) -> None:
-    from filterd.devservers import SmtpSink, make_reachable, send_mail
     from tests.helpers_daemon import write_config
+    from tests.servers import SmtpSink, make_reachable, send_mail
 
     base = make_reachable(tmp_path)
     nested = with_attachment(zipped("inner.zip", zipped("readme.txt", EICAR)), "application/zip")

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from filterd.checks import attachments
 from filterd.checks.attachments import AttachmentsCheck, Config, load_banned
 from filterd.checks.base import Services
-from filterd.mime_walk import Item, Obstacle, WalkLimits, walk
+from filterd.mail.walk import Item, Obstacle, WalkLimits, walk
 from filterd.settings import ConfigError, load_settings
 from filterd.types import Effect, Envelope, Finding, Message
 from tests.helpers_daemon import filtered_postfix
@@ -764,8 +764,8 @@ def test_corrupted_zips_never_crash(junk: bytes, cut: int) -> None:
 
 @pytest.mark.e2e
 def test_e2e_banned_types_refused_at_smtp_time(tmp_path: Path) -> None:
-    from filterd.devservers import SmtpSink, make_reachable, send_mail
     from tests.helpers_daemon import write_config
+    from tests.servers import SmtpSink, make_reachable, send_mail
 
     base = make_reachable(tmp_path)
     sender, rcpt = "alice@example.net", "bob@example.org"

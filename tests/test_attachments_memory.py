@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from filterd.checks.attachments import AttachmentsCheck, Config, load_banned
-from filterd.mime_walk import (
+from filterd.mail.walk import (
     SNIFF_BYTES,
     Item,
     Obstacle,

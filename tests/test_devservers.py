@@ -18,7 +18,8 @@ import dns.resolver
 import pytest
 import redis
 
-from filterd.devservers import (
+from tests.conftest import HARMLESS_TEST_VIRUS, PostfixFactory, RbldnsdFactory
+from tests.servers import (
     EICAR_SIGNATURE_NAME,
     TEST_VIRUS_SIGNATURE_NAME,
     ClamdServer,
@@ -33,7 +34,6 @@ from filterd.devservers import (
     send_mail,
     wait_for_tcp,
 )
-from tests.conftest import HARMLESS_TEST_VIRUS, PostfixFactory, RbldnsdFactory
 
 pytestmark = pytest.mark.integration
 

@@ -20,11 +20,11 @@ import pytest
 
 from filterd import policy
 from filterd.checks import dnsbl, uribl
-from filterd.devservers import RbldnsdServer, SilentUdpServer
-from filterd.dnsbl.engine import Engine
-from filterd.dnsbl.resolver import DnsblResolver, reverse_ip
+from filterd.dns.engine import Engine
+from filterd.dns.resolver import DnsblResolver, reverse_ip
 from filterd.settings import PolicyConfig
 from filterd.types import Action, Effect, Envelope, Finding, Message
+from tests.servers import RbldnsdServer, SilentUdpServer
 
 pytestmark = pytest.mark.integration
 
@@ -727,7 +727,7 @@ def test_pipeline_refuses_listed_client_at_rcpt_and_listed_link_at_eom(
 def test_names_too_long_for_dns_are_skipped_and_never_trip_the_breaker(
     rbl: RbldnsdServer,
 ) -> None:
-    from filterd.dnsbl.engine import domain_subject
+    from filterd.dns.engine import domain_subject
 
     engine = Engine(uri_config(rbl.nameserver, breaker_failures=1), check="uribl", prefix="URIBL")
     try:

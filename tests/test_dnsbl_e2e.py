@@ -13,14 +13,14 @@ import redis
 from filterd.allowlist.config import Config as AllowConfig
 from filterd.allowlist.entries import parse_entry, parse_target
 from filterd.allowlist.store import AllowlistStore
-from filterd.devservers import (
+from tests.helpers_daemon import filtered_postfix, write_config
+from tests.servers import (
     RbldnsdServer,
     RedisServer,
     SmtpSink,
     make_reachable,
     send_mail,
 )
-from tests.helpers_daemon import filtered_postfix, write_config
 
 pytestmark = pytest.mark.e2e
 

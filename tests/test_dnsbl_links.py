@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from filterd.dnsbl.links import (
+from filterd.mail.links import (
     hosts_in_html,
     hosts_in_text,
     link_domains,

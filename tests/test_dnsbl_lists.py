@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from filterd.checks import dnsbl, uribl
-from filterd.dnsbl.lists import CodePattern, CodeRule, CompiledList, ListConfig, PatternError
-from filterd.dnsbl.resolver import reverse_ip
+from filterd.dns.lists import CodePattern, CodeRule, CompiledList, ListConfig, PatternError
+from filterd.dns.resolver import reverse_ip
 from filterd.settings import ConfigError, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent

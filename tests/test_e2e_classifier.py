@@ -12,9 +12,9 @@ import pytest
 
 from filterd.classify import registry
 from filterd.classify.train import train
-from filterd.devservers import PostfixServer, SmtpSink, make_reachable, send_mail
 from filterd.settings import PROJECT_ROOT
 from tests.helpers_daemon import DaemonProcess, write_config
+from tests.servers import PostfixServer, SmtpSink, make_reachable, send_mail
 from tests.test_classify import SMALL_CFG, _msg, make_corpus
 
 pytestmark = pytest.mark.e2e

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from filterd.devservers import ClamdServer, PostfixServer, SmtpSink, make_reachable, send_mail
 from tests.helpers_daemon import DaemonProcess, filtered_postfix, write_config
+from tests.servers import ClamdServer, PostfixServer, SmtpSink, make_reachable, send_mail
 
 pytestmark = pytest.mark.e2e
 
@@ -66,7 +66,7 @@ def daemon_config(path: Path, clamd: ClamdServer, checks: list[str], state: Path
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     base = make_reachable(tmp_path_factory.mktemp("e2e-core"))
-    from filterd.devservers import project_signature_dir
+    from tests.servers import project_signature_dir
 
     with (
         ClamdServer(base / "clamd", project_signature_dir()) as clamd,
@@ -248,7 +248,7 @@ def test_message_over_the_spool_limit_gets_the_configured_verdict(
 
 def test_tcp_socket_works_through_postfix(tmp_path: Path, stack: dict) -> None:
     """The inet socket is the other documented choice; same verdicts as unix."""
-    from filterd.devservers import free_port
+    from tests.servers import free_port
 
     base = make_reachable(tmp_path)
     cfg = daemon_config(base / "f.toml", stack["clamd"], ["antivirus"], base / "st")

@@ -45,6 +45,9 @@ class FakeCheck:
     def close(self) -> None:
         pass
 
+    def selftest(self) -> list[str]:
+        return []
+
 
 def settings(tmp_path: Path, rcpt: list[str], msg: list[str], budget: float = 2.0) -> Settings:
     # Real check names are required by the loader; the fakes stand in for them.

@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 import redis
 
-from filterd.devservers import ClamdServer, make_reachable, send_mail
 from filterd.records import keys
 from filterd.records.query import audit_keys, daily_stats, erase_mailbox, export_mailbox
 from filterd.records.schema import DEFAULT_SCHEMA, load_schema
 from tests.helpers_daemon import DaemonProcess, write_config
+from tests.servers import ClamdServer, make_reachable, send_mail
 
 pytestmark = pytest.mark.e2e
 

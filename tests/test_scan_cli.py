@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from filterd.devservers import ClamdServer
 from tests.conftest import eicar_bytes
 from tests.helpers_daemon import ROOT, write_config
+from tests.servers import ClamdServer
 
 pytestmark = pytest.mark.integration
 

@@ -26,8 +26,8 @@ from filterd.allowlist.config import Config
 from filterd.allowlist.entries import Entry, EntryError, Target, parse_entry, parse_target
 from filterd.allowlist.files import ListFileError, format_list, parse_list, read_list_file
 from filterd.allowlist.store import AllowlistStore, LimitError
+from filterd.clients.redis import RedisNotConfigured, connect_for_tools
 from filterd.cliopts import CONFIG_OPTION, REDIS_URL_OPTION
-from filterd.redisclient import RedisNotConfigured, connect_for_tools
 from filterd.settings import ConfigError, Settings, load_settings
 
 _KEY = "filterd.allowlist"

@@ -167,6 +167,11 @@ class AllowlistCheck:
     def close(self) -> None:
         """The Redis client belongs to the shared services; nothing of our own to close."""
 
+    def selftest(self) -> list[str]:
+        if self.store is None:
+            return ["no Redis configured: only the site-wide allowlist applies"]
+        return []
+
 
 def build(config: Config, services: Services) -> AllowlistCheck:
     settings = services.settings

@@ -16,7 +16,7 @@ found: NAME``. A message that cannot be scanned whole never passes as clean:
 Nothing is quarantined: refused mail stays with the sender (privacy; no store
 of malicious content to protect). The check keeps no connection open: each
 message opens its own (measured: ~0.1 ms more per message than a pooled
-IDSESSION connection, see filterd.clamd), so a restarted clamd is picked up by
+IDSESSION connection, see filterd.clients.clamd), so a restarted clamd is picked up by
 the next message without any reconnect logic.
 """
 
@@ -29,11 +29,11 @@ from pydantic import Field, field_validator
 
 from filterd.addresses import AddressError, parse_clamd_address
 from filterd.checks.base import OnFailure, Services
-from filterd.clamd import ClamdClient, ScanResult
+from filterd.clients.clamd import ClamdClient, ScanResult
 from filterd.settings import ConfigError, Section
 from filterd.types import Effect, Finding, Message, SmtpReply
 
-SECTION = "clamav"
+SECTION = "antivirus"
 NAME = "antivirus"
 UNOFFICIAL = ".UNOFFICIAL"
 
@@ -83,6 +83,13 @@ class AntivirusCheck:
 
     def close(self) -> None:
         """Nothing to release: connections live for one scan."""
+
+    def selftest(self) -> list[str]:
+        """clamd answers PING: a dead clamd is logged at start-up, not found by the first sender."""
+        try:
+            return [] if self.client.ping() else [f"clamd at {self.config.address} did not answer"]
+        except Exception as exc:  # noqa: BLE001 - a self-test reports, never stops start-up
+            return [f"clamd at {self.config.address}: {type(exc).__name__}: {exc}"]
 
     def check_message(self, message: Message, exempt: bool) -> Sequence[Finding]:
         # ``exempt`` is ignored on purpose: no allowlist skips the virus scan.
@@ -137,7 +144,7 @@ def _limit_detail(result: ScanResult, max_scan_bytes: int) -> str:
     if result.limit == "StreamMaxLength":
         return (
             f"clamd refused the stream after {result.bytes_sent} bytes: its StreamMaxLength "
-            f"is below [clamav] max_scan_bytes ({max_scan_bytes}); raise StreamMaxLength"
+            f"is below [antivirus] max_scan_bytes ({max_scan_bytes}); raise StreamMaxLength"
         )
     if result.limit == "max_scan_bytes":
         return f"stream passed max_scan_bytes {max_scan_bytes}"
@@ -146,8 +153,9 @@ def _limit_detail(result: ScanResult, max_scan_bytes: int) -> str:
 
 def build(config: Config, services: Services) -> AntivirusCheck:
     if not config.address:
+        label = services.settings.section_label(SECTION)
         raise ConfigError(
-            "[clamav] address is empty: set it (tcp:HOST:PORT or unix:/path, "
-            "FILTERD_CLAMAV_ADDRESS), or run `filterd serve`, which starts a private clamd"
+            f"{label} address is empty: set it (tcp:HOST:PORT or unix:/path, "
+            "FILTERD_ANTIVIRUS_ADDRESS), or run `filterd serve`, which starts a private clamd"
         )
     return AntivirusCheck(config, ClamdClient(config.address, timeout=config.timeout))

@@ -2,7 +2,8 @@
 
 A check module ``filterd/checks/<name>.py`` defines:
 
-- ``SECTION``: the rules/filterd.toml section it reads (e.g. ``"clamav"``);
+- ``SECTION``: the rules/filterd.toml section it reads, equal to the check's
+  name (``"antivirus"``) and listed in ``filterd.checks.REGISTRY``;
 - ``Config``: a ``filterd.settings.Section`` subclass for that section;
 - ``build(config, services) -> Check``: creates the check with its own
   long-lived clients (built once per configuration load, closed by ``close``).
@@ -47,6 +48,10 @@ class Check(Protocol):
     on_failure: OnFailure
 
     def close(self) -> None: ...
+
+    def selftest(self) -> list[str]:
+        """Problems worth an operator's attention at start-up (logged, never fatal)."""
+        ...
 
 
 @runtime_checkable

@@ -87,6 +87,9 @@ class ClassifierCheck:
     def close(self) -> None:
         pass
 
+    def selftest(self) -> list[str]:
+        return [] if self.holder.current() is not None else ["no classifier model loaded"]
+
 
 def build(config: Config, services: Services) -> ClassifierCheck:
     holder = ModelHolder(

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from filterd.checks.base import Services
-from filterd.dnsbl.engine import Engine, EngineCheck, Subject, domain_subject, ip_subject
-from filterd.dnsbl.links import registered_domain
-from filterd.dnsbl.lists import CodeRule, ListConfig, ResolverSettings, spamhaus_dbl
+from filterd.dns.engine import Engine, EngineCheck, Subject, domain_subject, ip_subject
+from filterd.dns.lists import CodeRule, ListConfig, ResolverSettings, spamhaus_dbl
+from filterd.mail.links import registered_domain
 from filterd.settings import Settings
 from filterd.types import Envelope, Finding
 

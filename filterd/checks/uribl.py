@@ -17,9 +17,9 @@ from typing import Any, Literal
 from pydantic import field_validator
 
 from filterd.checks.base import Services
-from filterd.dnsbl.engine import Engine, EngineCheck, Subject, domain_subject
-from filterd.dnsbl.links import link_domains, registered_domain
-from filterd.dnsbl.lists import ListConfig, ResolverSettings, spamhaus_dbl, split_list
+from filterd.dns.engine import Engine, EngineCheck, Subject, domain_subject
+from filterd.dns.lists import ListConfig, ResolverSettings, spamhaus_dbl, split_list
+from filterd.mail.links import link_domains, registered_domain
 from filterd.settings import Settings
 from filterd.types import Finding, Message
 

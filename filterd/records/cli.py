@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from filterd.clients.redis import RedisNotConfigured, connect_for_tools
 from filterd.cliopts import CONFIG_OPTION, REDIS_URL_OPTION
 from filterd.records.config import Config
 from filterd.records.pseudonym import Pseudonymizer
@@ -28,7 +29,6 @@ from filterd.records.query import (
     export_mailbox,
 )
 from filterd.records.schema import Schema, SchemaError, load_schema
-from filterd.redisclient import RedisNotConfigured, connect_for_tools
 
 _config_option = CONFIG_OPTION
 _redis_option = REDIS_URL_OPTION

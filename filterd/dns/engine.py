@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from filterd.addresses import parse_nameservers
-from filterd.dnsbl.lists import CodeRule, CompiledList, ResolverSettings
-from filterd.dnsbl.resolver import Answer, DnsblResolver, reverse_ip
+from filterd.dns.lists import CodeRule, CompiledList, ResolverSettings
+from filterd.dns.resolver import Answer, DnsblResolver, reverse_ip
 from filterd.types import Effect, Finding, SmtpReply
 
 log = logging.getLogger(__name__)

@@ -7,27 +7,24 @@ running daemon uses.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from filterd.services.redis import private_socket, private_state_dir
 from filterd.settings import Settings
+
+__all__ = [
+    "RedisNotConfigured",
+    "connect",
+    "connect_for_tools",
+    "private_socket",
+    "private_state_dir",
+]
 
 
 class RedisNotConfigured(Exception):
     """No Redis URL is configured and no daemon-private Redis is running."""
-
-
-def private_state_dir(settings: Settings) -> Path:
-    """Where `filterd serve` keeps its private Redis when no URL is configured."""
-    return settings.resolve_path(settings.daemon.state_dir) / "redis"
-
-
-def private_socket(settings: Settings) -> Path:
-    # RedisServer(unix_socket=True) listens on <workdir>/redis.sock.
-    return private_state_dir(settings) / "redis.sock"
 
 
 def connect(settings: Settings, url: str) -> redis.Redis:

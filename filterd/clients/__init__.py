@@ -1,0 +1,1 @@
+"""Clients of the servers filterd talks to: clamd (``clamd``) and Redis (``redis``)."""

@@ -1,0 +1,1 @@
+"""Reading a message: the attachment walk, links and their registered domains."""

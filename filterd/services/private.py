@@ -1,0 +1,53 @@
+"""The private Redis and clamd `filterd serve` starts when none is configured."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from filterd.services.clamd import ClamdServer
+from filterd.services.redis import RedisServer, private_state_dir
+from filterd.settings import Settings
+
+log = logging.getLogger("filterd.daemon")
+
+SYSTEM_CLAMAV_DB = Path("/var/lib/clamav")
+
+
+def _has_signatures(directory: Path) -> bool:
+    return directory.is_dir() and any(p.suffix in (".cvd", ".cld") for p in directory.iterdir())
+
+
+@contextlib.contextmanager
+def private_services(settings: Settings) -> Iterator[dict[str, str]]:
+    """Start Redis/clamd for the daemon when no address is configured.
+
+    Yields the FILTERD_* overrides that point the settings at them. Redis keeps
+    its data (append-only file) under state_dir so allowlists survive restarts;
+    clamd uses the system's freshclam database when there is one, else the
+    project's own signatures.
+    """
+    state = settings.resolve_path(settings.daemon.state_dir)
+    overrides: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        if not settings.redis.url:
+            private_state_dir(settings).mkdir(parents=True, exist_ok=True)
+            redis_server = stack.enter_context(
+                RedisServer(private_state_dir(settings), persistent=True, unix_socket=True)
+            )
+            overrides["FILTERD_REDIS_URL"] = redis_server.url
+            log.info("started private redis", extra={"url": redis_server.url})
+        needs_clamd = "antivirus" in settings.pipeline.message_checks
+        if needs_clamd and not settings.section("antivirus").address:
+            db = (
+                SYSTEM_CLAMAV_DB
+                if _has_signatures(SYSTEM_CLAMAV_DB)
+                else settings.resolve_path("rules/clamav-sigs")
+            )
+            (state / "clamd").mkdir(parents=True, exist_ok=True)
+            clamd = stack.enter_context(ClamdServer(state / "clamd", db, unix_socket=True))
+            overrides["FILTERD_ANTIVIRUS_ADDRESS"] = clamd.address
+            log.info("started private clamd", extra={"address": clamd.address, "db": str(db)})
+        yield overrides

@@ -1,0 +1,96 @@
+"""The private Redis that ``filterd serve`` starts when no [redis] url is configured."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from filterd.services.launcher import (
+    LOOPBACK,
+    _check_unix_path,
+    _find_program,
+    _PortOrSocketServer,
+    _read_line,
+    free_port,
+)
+from filterd.settings import Settings
+
+# RedisServer(unix_socket=True) listens on <workdir>/redis.sock.
+SOCKET_NAME = "redis.sock"
+
+
+def private_state_dir(settings: Settings) -> Path:
+    """Where `filterd serve` keeps its private Redis when no URL is configured."""
+    return settings.resolve_path(settings.daemon.state_dir) / "redis"
+
+
+def private_socket(settings: Settings) -> Path:
+    """The private Redis's socket: admin commands find the daemon's data through it."""
+    return private_state_dir(settings) / SOCKET_NAME
+
+
+class RedisServer(_PortOrSocketServer):
+    """A private ``redis-server`` on 127.0.0.1 (or a unix socket).
+
+    Non-persistent by default so tests never leave data behind; ``persistent=True`` is for
+    ``filterd serve``, whose reputation/Bayes state must survive restarts (AOF in workdir).
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        workdir: Path,
+        persistent: bool = False,
+        unix_socket: bool = False,
+        start_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(workdir, start_timeout)
+        self.persistent = persistent
+        self.socket_path: Path | None = self.workdir / SOCKET_NAME if unix_socket else None
+        self._port = 0 if unix_socket else free_port()
+        self._logfile = self.workdir / "redis.log"
+
+    @property
+    def url(self) -> str:
+        """URL for ``redis.Redis.from_url``: database 0 of this instance."""
+        if self.socket_path is not None:
+            return f"unix://{self.socket_path}?db=0"
+        return f"redis://{LOOPBACK}:{self._port}/0"
+
+    def _prepare(self) -> None:
+        if self.socket_path is not None:
+            _check_unix_path(self.socket_path)
+            self.socket_path.unlink(missing_ok=True)
+
+    def _command(self) -> list[str]:
+        cmd = [
+            _find_program("redis-server"),
+            "--bind", LOOPBACK,
+            "--port", str(self._port),
+            "--dir", str(self.workdir),
+            "--daemonize", "no",
+            "--logfile", str(self._logfile),
+        ]  # fmt: skip
+        if self.socket_path is not None:
+            cmd += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
+        if self.persistent:
+            cmd += ["--appendonly", "yes", "--appendfsync", "everysec"]
+        else:
+            cmd += ["--save", "", "--appendonly", "no"]
+        return cmd
+
+    def _probe(self) -> bool:
+        if self.socket_path is not None:
+            if not self.socket_path.exists():
+                return False
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target: str | tuple[str, int] = str(self.socket_path)
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            target = (LOOPBACK, self._port)
+        with sock:
+            sock.settimeout(1.0)
+            sock.connect(target)
+            sock.sendall(b"PING\r\n")
+            return _read_line(sock).startswith(b"+PONG")
