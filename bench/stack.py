@@ -155,15 +155,14 @@ def daemon_settings(
     data: dict[str, dict[str, Any]] = tomllib.loads((ROOT / "rules" / "filterd.toml").read_text())
     data["daemon"].update(state_dir=str(state), log_level="info")
     data["redis"]["url"] = redis_url
-    data["clamav"]["address"] = clamd
+    data["antivirus"]["address"] = clamd
     message_checks = ["antivirus", "attachments", "uribl"] + (["classifier"] if classifier else [])
     data["pipeline"].update(recipient_checks=["allowlist", "dnsbl"], message_checks=message_checks)
     data["records"]["enabled"] = True
-    for section in ("dnsbl", "uribl"):
-        data[section]["nameservers"] = nameserver
-        if not dns_cache:
-            # Every message pays its lookups, as mail from ever new senders does.
-            data[section].update(cache_max_ttl=0.0, cache_negative_ttl=0.0)
+    data["dns"]["nameservers"] = nameserver
+    if not dns_cache:
+        # Every message pays its lookups, as mail from ever new senders does.
+        data["dns"].update(cache_max_ttl=0.0, cache_negative_ttl=0.0)
     if not dns_cache:
         data["dnsbl"]["transaction_cache_seconds"] = 0.0
     # The load comes from 127.0.0.1; look it up anyway so the IP list costs what it costs.

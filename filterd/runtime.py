@@ -17,6 +17,8 @@ import redis
 
 from filterd.checks.base import Services
 from filterd.clients.redis import connect
+from filterd.dns.engine import build_resolver
+from filterd.dns.resolver import DnsblResolver
 from filterd.pipeline import Pipeline, build_checks
 from filterd.settings import Settings
 from filterd.types import Decision, Envelope, Message, RecipientDecision
@@ -41,19 +43,32 @@ def _observers(settings: Settings, client: redis.Redis | None) -> list[Observer]
     return [] if observer is None else [observer]
 
 
+def _resolver(settings: Settings) -> DnsblResolver | None:
+    """The one DNS resolver ([dns]) when a list check is enabled, else none at all."""
+    phases = settings.pipeline.recipient_checks + settings.pipeline.message_checks
+    if not {"dnsbl", "uribl"} & set(phases):
+        return None
+    return build_resolver(settings.section("dns"))
+
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         url = settings.redis.url
         client = connect(settings, url) if url else None
-        self.services = Services(settings=settings, redis=client)
-        checks = build_checks(settings, self.services)
+        self.services = Services(settings=settings, redis=client, resolver=_resolver(settings))
+        try:
+            checks = build_checks(settings, self.services)
+        except BaseException:
+            self._close_services()
+            raise
         try:
             self.pipeline = Pipeline(settings, checks)
             self.observers: Sequence[Observer] = _observers(settings, client)
         except BaseException:
             for check in checks.values():
                 check.close()
+            self._close_services()
             raise
         self._users = 0
         self._lock = threading.Lock()
@@ -81,6 +96,11 @@ class Runtime:
 
     def _close(self) -> None:
         self.pipeline.close()
+        self._close_services()
+
+    def _close_services(self) -> None:
+        if self.services.resolver is not None:
+            self.services.resolver.close()
         if self.services.redis is not None:
             self.services.redis.close()
 

@@ -112,11 +112,13 @@ def section_models() -> dict[str, type[Section]]:
     names are listed, once.
     """
     from filterd.checks import REGISTRY
+    from filterd.dns import config as dns_config
     from filterd.records import config as records_config
 
     models: dict[str, type[Section]] = dict(_CORE_SECTIONS)
     for module in REGISTRY.values():
         models[module.SECTION] = module.Config
+    models[dns_config.SECTION] = dns_config.Config
     models[records_config.SECTION] = records_config.Config
     return models
 

@@ -26,6 +26,7 @@ from filterd.types import Envelope, Finding, Message
 if TYPE_CHECKING:
     import redis
 
+    from filterd.dns.resolver import DnsblResolver
     from filterd.settings import Settings
 
 OnFailure = Literal["tempfail", "accept"]
@@ -37,6 +38,8 @@ class Services:
 
     settings: Settings
     redis: redis.Redis | None = None
+    # The one DNS resolver ([dns]) the list checks share; None when no list check runs.
+    resolver: DnsblResolver | None = None
 
 
 @runtime_checkable

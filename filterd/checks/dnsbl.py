@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from filterd.checks.base import Services
-from filterd.dns.engine import Engine, EngineCheck, Subject, domain_subject, ip_subject
+from filterd.dns.engine import Engine, EngineCheck, Subject, domain_subject, engine_for, ip_subject
 from filterd.dns.lists import CodeRule, ListConfig, ResolverSettings, spamhaus_dbl
 from filterd.mail.links import registered_domain
 from filterd.settings import Settings
@@ -145,7 +145,8 @@ class DnsblCheck(EngineCheck):
 
 
 def build(config: Config, services: Services | None = None) -> DnsblCheck:
-    return DnsblCheck(config)
+    engine = engine_for(config, check="dnsbl", prefix="DNSBL", services=services)
+    return DnsblCheck(config, engine)
 
 
 def selftest(config: Config | ResolverSettings | Settings) -> list[str]:
@@ -154,8 +155,11 @@ def selftest(config: Config | ResolverSettings | Settings) -> list[str]:
     Takes a section's Config, or the whole Settings (then both [dnsbl] and
     [uribl] are checked). Meant to be logged at start-up, not to block it.
     """
+    dns_keys: dict[str, Any] = {}
     if isinstance(config, Settings):
         sections = [config.sections[name] for name in ("dnsbl", "uribl") if name in config.sections]
+        if "dns" in config.sections:
+            dns_keys = config.section("dns").model_dump()
     else:
         sections = [config]
     problems: list[str] = []
@@ -163,6 +167,9 @@ def selftest(config: Config | ResolverSettings | Settings) -> list[str]:
         if not isinstance(section, ResolverSettings) or not section.enabled:
             continue
         check = "uribl" if section.__class__.__module__.endswith("uribl") else "dnsbl"
+        if dns_keys and not section.own_resolver_keys():
+            # Ask the way the running checks ask: through the [dns] resolver settings.
+            section = section.model_copy(update=dns_keys)
         try:
             engine = Engine(section, check=check, prefix=check.upper())
         except Exception as exc:  # noqa: BLE001 - a self-test must not stop start-up

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import field_validator
 
 from filterd.checks.base import Services
-from filterd.dns.engine import Engine, EngineCheck, Subject, domain_subject
+from filterd.dns.engine import Engine, EngineCheck, Subject, domain_subject, engine_for
 from filterd.dns.lists import ListConfig, ResolverSettings, spamhaus_dbl, split_list
 from filterd.mail.links import link_domains, registered_domain
 from filterd.settings import Settings
@@ -107,7 +107,8 @@ class UriblCheck(EngineCheck):
 
 
 def build(config: Config, services: Services | None = None) -> UriblCheck:
-    return UriblCheck(config)
+    engine = engine_for(config, check="uribl", prefix="URIBL", services=services)
+    return UriblCheck(config, engine)
 
 
 def selftest(config: Config | Settings) -> list[str]:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from filterd.addresses import parse_nameservers
-from filterd.dns.lists import CodeRule, CompiledList, ResolverSettings
+from filterd.dns.lists import CodeRule, CompiledList, ResolverKeys, ResolverSettings
 from filterd.dns.resolver import Answer, DnsblResolver, reverse_ip
 from filterd.types import Effect, Finding, SmtpReply
 
@@ -59,7 +59,7 @@ def domain_subject(target: str, domain: str) -> Subject:
     return Subject(target, domain, domain)
 
 
-def build_resolver(config: ResolverSettings) -> DnsblResolver:
+def build_resolver(config: ResolverKeys) -> DnsblResolver:
     return DnsblResolver(
         parse_nameservers(config.nameservers),
         query_timeout=config.query_timeout,
@@ -86,12 +86,15 @@ class Engine:
         self.check = check
         self.prefix = prefix
         self.lists = [CompiledList(item) for item in config.lists if item.enabled]
+        # A shared resolver belongs to the services that built it; only our own is closed here.
+        self._owns_resolver = resolver is None
         self.resolver = resolver or build_resolver(config)
         self._counters: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def close(self) -> None:
-        self.resolver.close()
+        if self._owns_resolver:
+            self.resolver.close()
 
     def count(self, key: str, n: int = 1) -> None:
         with self._lock:
@@ -276,6 +279,28 @@ class Engine:
                     f"{where}: lists {entry}, which no list may list: it would block everything"
                 )
         return problems
+
+
+def engine_for(
+    config: ResolverSettings, check: str, prefix: str, services: object | None
+) -> Engine:
+    """The check's engine on the shared resolver, or on its own for old-style sections.
+
+    ``services`` is a ``filterd.checks.base.Services`` (typed loosely: this layer sits
+    below the checks). Without one (tools, tests building a check alone) or when the
+    section sets resolver keys itself, the engine gets a resolver from its section.
+    """
+    shared = getattr(services, "resolver", None)
+    own = config.own_resolver_keys()
+    if own and shared is not None:
+        log.warning(
+            "[%s] %s: deprecated here, set them once in [dns]; this check keeps its own resolver",
+            check,
+            ", ".join(own),
+        )
+    if own or not isinstance(shared, DnsblResolver):
+        return Engine(config, check=check, prefix=prefix)
+    return Engine(config, check=check, prefix=prefix, resolver=shared)
 
 
 class EngineCheck:

@@ -187,16 +187,27 @@ class ListConfig(Section):
         return self.test_entry or ("127.0.0.2" if self.type == "ip" else "test")
 
 
-class ResolverSettings(Section):
-    """Keys shared by the [dnsbl] and [uribl] sections."""
+# The keys of the one resolver ([dns]); [dnsbl] and [uribl] still accept them for
+# configurations written before [dns] existed (see filterd.dns.config).
+RESOLVER_KEYS = (
+    "nameservers",
+    "query_timeout",
+    "cache_max_entries",
+    "cache_max_ttl",
+    "cache_negative_ttl",
+    "breaker_failures",
+    "breaker_seconds",
+    "max_parallel",
+)
 
-    enabled: bool = True
+
+class ResolverKeys(Section):
+    """How the DNS resolver behind both list checks asks, caches and backs off."""
+
     # A local recursive resolver: HOST[:PORT], comma-separated. Never a public
     # forwarder (Spamhaus answers those with 127.255.255.254).
     nameservers: str = "127.0.0.1"
     query_timeout: float = 1.5
-    budget: float = 3.0
-    on_failure: Literal["tempfail", "accept"] = "accept"
     cache_max_entries: int = 10000
     cache_max_ttl: float = 3600.0
     # Negative answers without an SOA record are cached this long.
@@ -206,7 +217,6 @@ class ResolverSettings(Section):
     breaker_failures: int = 5
     breaker_seconds: float = 30.0
     max_parallel: int = 32
-    lists: list[ListConfig] = []
 
     @field_validator("nameservers")
     @classmethod
@@ -223,7 +233,7 @@ class ResolverSettings(Section):
     def _join(cls, value: Any) -> Any:
         return ",".join(value) if isinstance(value, list) else value
 
-    @field_validator("query_timeout", "budget", "breaker_seconds")
+    @field_validator("query_timeout", "breaker_seconds")
     @classmethod
     def _positive(cls, value: float) -> float:
         if value <= 0:
@@ -235,6 +245,26 @@ class ResolverSettings(Section):
     def _positive_int(cls, value: int) -> int:
         if value < 1:
             raise ValueError("must be at least 1")
+        return value
+
+    def own_resolver_keys(self) -> list[str]:
+        """Resolver keys this section sets itself (not inherited from [dns])."""
+        return [key for key in RESOLVER_KEYS if key in self.model_fields_set]
+
+
+class ResolverSettings(ResolverKeys):
+    """Keys shared by the [dnsbl] and [uribl] sections."""
+
+    enabled: bool = True
+    budget: float = 3.0
+    on_failure: Literal["tempfail", "accept"] = "accept"
+    lists: list[ListConfig] = []
+
+    @field_validator("budget")
+    @classmethod
+    def _positive_budget(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be greater than 0")
         return value
 
     @model_validator(mode="after")
