@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from filterd import policy
 from filterd.checks import REGISTRY
 from filterd.checks.base import Check, MessageCheck, RecipientCheck, Services
+from filterd.mail import analysis
 from filterd.settings import Settings
 from filterd.types import Decision, Effect, Envelope, Finding, Message, RecipientDecision, SmtpReply
 
@@ -79,6 +80,11 @@ class Pipeline:
             if not isinstance(check, MessageCheck):
                 raise CheckBuildError(f"check {name!r} has no message phase")
             self.message_checks.append(check)
+        self._head_bytes = max(
+            [analysis.DEFAULT_HEAD_LIMIT]
+            if not any(hasattr(c, "head_bytes") for c in self.message_checks)
+            else [int(getattr(c, "head_bytes", 0)) for c in self.message_checks]
+        )
         self._pool = ThreadPoolExecutor(settings.pipeline.workers, thread_name_prefix="check")
 
     def close(self) -> None:
@@ -158,6 +164,8 @@ class Pipeline:
         deadline = start + self.settings.pipeline.message_budget_seconds
         timings: dict[str, float] = {}
         findings = _dedupe(rcpt_findings)
+        # One analysis per message, parsed as far as the most demanding check reads.
+        analysis.attach(message, self._head_bytes)
         exempt = policy.is_exempt(findings)
         for check in (c for c in self.message_checks if c.gate):
             findings.extend(self._run([check], MessageWork(message, exempt), deadline, timings))

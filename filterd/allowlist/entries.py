@@ -27,7 +27,6 @@ import ipaddress
 import unicodedata
 from dataclasses import dataclass
 from enum import StrEnum
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -105,11 +104,10 @@ def kind_of(canonical: str) -> Kind:
     return Kind.CIDR if "/" in canonical else Kind.IP
 
 
-@lru_cache(maxsize=1)
 def _psl() -> PublicSuffixList:
-    from publicsuffixlist import PublicSuffixList
+    from filterd.mail.psl import psl  # the one instance of the process
 
-    return PublicSuffixList()
+    return psl()
 
 
 def is_public_suffix(domain: str) -> bool:

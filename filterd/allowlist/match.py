@@ -16,7 +16,15 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from filterd.allowlist.entries import IPAddress, Kind, client_ip, kind_of, sender_address
+from filterd.allowlist.entries import (
+    IPAddress,
+    Kind,
+    client_ip,
+    kind_of,
+    organizational_domain,
+    sender_address,
+)
+from filterd.mail.authres import AuthResult, parse_authres
 
 SCOPES = ("site", "domain", "mailbox")
 
@@ -110,66 +118,8 @@ def entry_matches_address(entry: str, address: str) -> bool:
     return entry in address_candidates(*parsed)
 
 
-# Sender verification for the strict mode (used at end of message).
-
-
-@dataclass(frozen=True)
-class AuthResult:
-    """One ``method=result`` of an Authentication-Results header (RFC 8601)."""
-
-    method: str
-    result: str
-    props: dict[str, str]
-
-
-def _strip_comments(value: str) -> str:
-    out: list[str] = []
-    depth = 0
-    quoted = False
-    escaped = False
-    for char in value:
-        if escaped:
-            escaped = False
-            if depth == 0:
-                out.append(char)
-            continue
-        if char == "\\":
-            escaped = True
-            if depth == 0:
-                out.append(char)
-            continue
-        if char == '"' and depth == 0:
-            quoted = not quoted
-        elif not quoted and char == "(":
-            depth += 1
-            continue
-        elif not quoted and char == ")" and depth:
-            depth -= 1
-            continue
-        if depth == 0:
-            out.append(char)
-    return "".join(out)
-
-
-def parse_authres(value: str) -> tuple[str, list[AuthResult]]:
-    """(authserv-id, results) of one header value; tolerant, never raises."""
-    text = " ".join(_strip_comments(value).split())
-    parts = text.split(";")
-    head = parts[0].split()
-    authserv = head[0].lower() if head else ""
-    results = []
-    for part in parts[1:]:
-        tokens = part.replace(" =", "=").replace("= ", "=").split()
-        if not tokens or "=" not in tokens[0]:
-            continue
-        method, _, result = tokens[0].partition("=")
-        props = {}
-        for token in tokens[1:]:
-            key, eq, val = token.partition("=")
-            if eq and "." in key:
-                props[key.lower()] = val.strip('"')
-        results.append(AuthResult(method.split("/")[0].lower(), result.lower(), props))
-    return authserv, results
+# Sender verification for the strict mode (used at end of message); the header
+# parser is the one in filterd.mail.authres.
 
 
 def _identity_domain(value: str | None) -> str | None:
@@ -192,8 +142,6 @@ def authres_verifies(values: Iterable[str], trusted: Iterable[str], sender_domai
     organizational domain. A DMARC pass for some *other* From domain proves
     nothing about the allowlisted sender, so it does not count.
     """
-    from filterd.allowlist.entries import organizational_domain
-
     trusted_ids = {t.lower() for t in trusted}
     if not trusted_ids:
         return False
@@ -217,3 +165,16 @@ def authres_verifies(values: Iterable[str], trusted: Iterable[str], sender_domai
                 if domain is not None and organizational_domain(domain) == org:
                     return True
     return False
+
+
+__all__ = [
+    "AuthResult",
+    "Match",
+    "Probe",
+    "address_candidates",
+    "authres_verifies",
+    "best",
+    "entry_matches_address",
+    "ip_candidates",
+    "parse_authres",
+]

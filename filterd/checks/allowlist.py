@@ -23,8 +23,6 @@ forger who sets both the envelope and the From: passes From: agreement).
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import email.utils
 import logging
 from collections.abc import Sequence
@@ -35,6 +33,7 @@ from filterd.allowlist.config import SECTION, Config
 from filterd.allowlist.files import SiteList
 from filterd.allowlist.match import Match, Probe, authres_verifies, best, entry_matches_address
 from filterd.allowlist.store import AllowlistStore, recipient_pair
+from filterd.mail.analysis import analysis_of
 from filterd.types import Effect, Envelope, Finding, Message
 
 if TYPE_CHECKING:
@@ -64,15 +63,9 @@ def _probe(mail_from: str, client_ip: str | None) -> Probe:
 
 
 def _headers(message: Message) -> tuple[list[str], list[str]]:
-    """(From values, Authentication-Results values) from the header block only."""
-    parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
-    try:
-        parsed = parser.parsebytes(message.header_block)
-        froms = [str(v) for v in parsed.get_all("From", [])]
-        authres = [str(v) for v in parsed.get_all("Authentication-Results", [])]
-    except Exception:  # noqa: BLE001 - malformed headers verify nothing
-        return [], []
-    return froms, authres
+    """(From values, Authentication-Results values) as written, from the one header parse."""
+    analysis = analysis_of(message)
+    return analysis.raw_header_values("From"), analysis.raw_header_values("Authentication-Results")
 
 
 def _single_from(values: list[str]) -> str | None:

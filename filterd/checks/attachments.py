@@ -34,7 +34,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from filterd.checks.base import OnFailure, Services
-from filterd.mail.walk import Item, Obstacle, WalkLimits, walk
+from filterd.mail.analysis import analysis_of
+from filterd.mail.walk import Item, Obstacle, WalkLimits
 from filterd.settings import ConfigError, Section
 from filterd.types import Effect, Finding, Message, SmtpReply
 
@@ -319,8 +320,8 @@ class AttachmentsCheck:
         # ``exempt`` is ignored on purpose: no allowlist lets programs through.
         rules = self.rules_for(message.envelope.recipients)
         findings: dict[tuple[str, str], Finding] = {}
-        # Streamed from the spool: memory does not grow with the message (see mime_walk).
-        for entry in walk(message.iter_raw(), self.limits):
+        # Streamed from the spool: memory does not grow with the message (see mail.walk).
+        for entry in analysis_of(message).walk(self.limits):
             found = (
                 self._obstacle(entry, rules)
                 if isinstance(entry, Obstacle)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from email.utils import getaddresses
 from typing import Any, Literal
 
 from pydantic import field_validator
@@ -19,7 +18,7 @@ from pydantic import field_validator
 from filterd.checks.base import Services
 from filterd.dns.engine import Engine, EngineCheck, Subject, domain_subject, engine_for
 from filterd.dns.lists import ListConfig, ResolverSettings, spamhaus_dbl, split_list
-from filterd.mail.links import link_domains, registered_domain
+from filterd.mail.analysis import analysis_of
 from filterd.settings import Settings
 from filterd.types import Finding, Message
 
@@ -60,16 +59,7 @@ class Config(ResolverSettings):
 
 def from_domains(message: Message) -> list[str]:
     """Registered domains of the From: header's addresses (usually one)."""
-    value = message.header("From")
-    if not value:
-        return []
-    domains: list[str] = []
-    for _, address in getaddresses([value]):
-        if "@" in address:
-            domain = registered_domain(address.rsplit("@", 1)[1])
-            if domain and domain not in domains:
-                domains.append(domain)
-    return domains
+    return analysis_of(message).from_domains
 
 
 class UriblCheck(EngineCheck):
@@ -83,6 +73,8 @@ class UriblCheck(EngineCheck):
         self.config = config
         self.on_failure: Literal["tempfail", "accept"] = config.on_failure
         self.engine = engine or Engine(config, check="uribl", prefix="URIBL")
+        # How much of the top of a message the shared analysis must parse for us.
+        self.head_bytes = config.max_bytes
 
     def subjects(self, message: Message) -> list[Subject]:
         subjects: list[Subject] = []
@@ -91,7 +83,7 @@ class UriblCheck(EngineCheck):
             subjects += [domain_subject("from", d) for d in from_domains(message) if d not in skip]
         if self.config.check_body and self.engine.serves("body") and self.config.max_uri_lookups:
             try:
-                domains = link_domains(message.parse_head(self.config.max_bytes), skip)
+                domains = analysis_of(message).link_domains(skip)
             except Exception as exc:  # noqa: BLE001 - a malformed MIME tree is not a failure
                 log.info("uribl: cannot read the message body: %s", type(exc).__name__)
                 domains = []

@@ -2,7 +2,7 @@
 
 A URI blocklist lists registered domains (``example.co.uk``, not
 ``www.shop.example.co.uk``), so hosts are cut at the public suffix using the
-list shipped in the ``publicsuffixlist`` package (never downloaded). Spammers
+one shared list of ``filterd.mail.psl`` (never downloaded). Spammers
 hide links from naive scanners: mixed-case schemes, ``hxxp``, trailing dots,
 HTML entities (``evil&#46;com``), percent-encoded hosts, ``user@host`` tricks,
 backslashes, full-width dots and Unicode (IDN) names; each is undone here
@@ -17,11 +17,10 @@ import ipaddress
 import re
 from collections.abc import Iterable, Iterator
 from email.message import EmailMessage, Message
-from functools import lru_cache
 from html.parser import HTMLParser
 from urllib.parse import unquote
 
-from publicsuffixlist import PublicSuffixList
+from filterd.mail.psl import private_suffix
 
 # Work bounds: a hostile body cannot make extraction slow or unbounded.
 MAX_PART_CHARS = 1_000_000
@@ -39,11 +38,6 @@ _URL_ATTRS = frozenset(
     {"href", "src", "action", "formaction", "background", "cite", "data", "poster", "longdesc"}
 )
 _TRAILING = ".,;:!?)]}>'\"*"
-
-
-@lru_cache(maxsize=1)
-def _psl() -> PublicSuffixList:
-    return PublicSuffixList()
 
 
 def normalize_domain(text: str) -> str | None:
@@ -85,8 +79,7 @@ def registered_domain(host: str) -> str | None:
     name = normalize_domain(host)
     if name is None:
         return None
-    result = _psl().privatesuffix(name)
-    return result if isinstance(result, str) else None
+    return private_suffix(name)
 
 
 def _host_of(authority: str) -> str:
@@ -152,7 +145,8 @@ def hosts_in_html(html: str) -> list[str]:
     return parser.hosts
 
 
-def _part_text(part: Message) -> str:
+def part_text(part: Message) -> str:
+    """A text part's content as str, decoded leniently (unknown charsets, broken encodings)."""
     try:
         content = part.get_content() if isinstance(part, EmailMessage) else None
     except Exception:  # noqa: BLE001 - unknown charset or broken encoding
@@ -172,9 +166,9 @@ def hosts_in_message(message: EmailMessage) -> Iterator[str]:
             continue
         subtype = part.get_content_subtype()
         if subtype == "html":
-            yield from hosts_in_html(_part_text(part))
+            yield from hosts_in_html(part_text(part))
         elif subtype == "plain":
-            yield from hosts_in_text(_part_text(part))
+            yield from hosts_in_text(part_text(part))
 
 
 def registered_domains(hosts: Iterable[str], skip: Iterable[str] = ()) -> list[str]:

@@ -18,10 +18,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import Any
 
+from filterd.mail.analysis import analysis_of
 from filterd.records.config import Config
 from filterd.records.pseudonym import Pseudonymizer
 from filterd.records.schema import load_schema
@@ -75,12 +74,9 @@ def message_id(message: Message) -> str | None:
     """The Message-ID, read from the header block only (never parses the body)."""
     cached = vars(message).get("message_id")
     if cached is None:
-        try:
-            headers = BytesHeaderParser(policy=compat32).parsebytes(message.header_block)
-            raw = headers.get("Message-ID")
-        except Exception:  # noqa: BLE001 - a malformed header is simply absent
-            return None
-        cached = str(raw).strip() if raw is not None else None
+        # From the message's one header parse (filterd.mail.analysis), as written.
+        values = analysis_of(message).raw_header_values("Message-ID")
+        cached = values[0].strip() if values else None
     return cached if cached and _MID.match(cached) else None
 
 

@@ -1,0 +1,125 @@
+"""One analysis per message: one parse, text decoded once, links once, shared by every check."""
+
+from __future__ import annotations
+
+import threading
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+from filterd.checks import uribl
+from filterd.checks.allowlist import _headers
+from filterd.checks.base import Services
+from filterd.mail import psl
+from filterd.mail.analysis import MessageAnalysis, analysis_of, attach
+from filterd.mail.links import link_domains
+from filterd.pipeline import Pipeline, build_checks
+from filterd.records.observer import message_id
+from filterd.settings import Settings, load_settings
+from filterd.types import Envelope, Message
+from tests.servers import write_config
+
+RAW = (
+    b'From: "Shop" <news@mail.shop.example.co.uk>\r\n'
+    b"Message-ID: <abc@shop.example>\r\n"
+    b"Authentication-Results: mx.example;\r\n\tspf=pass smtp.mailfrom=news@shop.example.co.uk\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: multipart/alternative; boundary=b\r\n\r\n"
+    b"--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+    b"see http://www.plain-link.example/x and hxxp://evil[.]example\r\n"
+    b"--b\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+    b'<a href="https://html-link.example/">x</a>\r\n'
+    b"--b--\r\n"
+)
+
+
+class CountingMessage(Message):
+    """A message that counts how often its top is parsed."""
+
+    parses = 0
+
+    def parse_head(self, limit: int) -> EmailMessage:
+        type(self).parses += 1
+        return super().parse_head(limit)
+
+
+def counting(raw: bytes) -> CountingMessage:
+    base = Message.from_bytes(raw, Envelope(recipients=("u@example.org",)))
+    CountingMessage.parses = 0
+    return CountingMessage(base.envelope, base.header_block, base._body_reader, base.size)
+
+
+def test_every_reader_shares_one_analysis_and_one_parse() -> None:
+    message = counting(RAW)
+    analysis = analysis_of(message)
+    assert analysis_of(message) is analysis and attach(message) is analysis
+    assert analysis.link_domains() == ["plain-link.example", "evil.example", "html-link.example"]
+    assert analysis.link_domains(skip=["evil.example"]) == [
+        "plain-link.example",
+        "html-link.example",
+    ]
+    assert [p.subtype for p in analysis.text_parts] == ["plain", "html"]
+    assert uribl.from_domains(message) == ["example.co.uk"]
+    froms, authres = _headers(message)
+    assert froms == ['"Shop" <news@mail.shop.example.co.uk>']
+    assert authres == ["mx.example;\r\n\tspf=pass smtp.mailfrom=news@shop.example.co.uk"]
+    assert message_id(message) == "<abc@shop.example>"
+    assert CountingMessage.parses == 1
+
+
+def test_same_domains_as_the_standalone_extractor() -> None:
+    message = counting(RAW)
+    assert analysis_of(message).link_domains() == link_domains(message.parse_head(1 << 20))
+
+
+def test_concurrent_readers_compute_once() -> None:
+    message = counting(RAW)
+    analysis = MessageAnalysis(message)
+    barrier = threading.Barrier(8)
+    results: list[Any] = []
+
+    def read() -> None:
+        barrier.wait()
+        results.append(analysis.link_domains())
+
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 8 and all(r == results[0] for r in results)
+    assert CountingMessage.parses == 1
+
+
+def test_head_limit_bounds_what_is_parsed() -> None:
+    big = RAW.replace(b"--b--\r\n", b"--b\r\nContent-Type: text/plain\r\n\r\n" + b"x" * 3_000_000)
+    message = counting(big + b"\r\nhttp://after-the-limit.example/\r\n--b--\r\n")
+    analysis = MessageAnalysis(message, head_limit=64 * 1024)
+    assert sum(len(p.text) for p in analysis.text_parts) < 64 * 1024
+    assert "after-the-limit.example" not in analysis.link_domains()
+
+
+def test_one_public_suffix_instance() -> None:
+    from filterd.allowlist import entries
+
+    assert entries._psl() is psl.psl()
+    assert psl.private_suffix("www.shop.example.co.uk") == "example.co.uk"
+
+
+def test_pipeline_parses_as_far_as_uribl_reads(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path / "f.toml",
+        {
+            "pipeline": {"recipient_checks": [], "message_checks": ["uribl"]},
+            "uribl": {"max_bytes": 200_000, "enabled": False},
+        },
+    )
+    settings: Settings = load_settings(path, env={})
+    checks = build_checks(settings, Services(settings=settings))
+    pipeline = Pipeline(settings, checks)
+    try:
+        message = counting(RAW)
+        pipeline.judge_message(message, [])
+        assert analysis_of(message).head_limit == 200_000
+    finally:
+        pipeline.close()
