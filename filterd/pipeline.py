@@ -20,7 +20,7 @@ from filterd.checks import REGISTRY
 from filterd.checks.base import Check, MessageCheck, RecipientCheck, Services
 from filterd.mail import analysis
 from filterd.settings import Settings
-from filterd.types import Decision, Effect, Envelope, Finding, Message, RecipientDecision, SmtpReply
+from filterd.types import Decision, Effect, Envelope, Finding, Message, RecipientDecision
 
 log = logging.getLogger("filterd.pipeline")
 
@@ -30,14 +30,15 @@ class CheckBuildError(Exception):
 
 
 def _failure(check: Check, reason: str) -> Finding:
+    """Evidence that a check could not do its work; the policy words the reply."""
     fails_closed = check.on_failure == "tempfail"
     return Finding(
         check=check.name,
         code=f"{check.name.upper()}_FAIL",
         detail=reason[:300],
         effect=Effect.TEMPFAIL if fails_closed else Effect.SCORE,
-        reply=SmtpReply(451, "4.7.1", f"Temporary failure ({check.name}); try again later"),
         bypassable=check.bypassable,
+        unchecked=True,
     )
 
 

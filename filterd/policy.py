@@ -1,17 +1,26 @@
 """The single place where findings become an SMTP outcome.
 
 Pure functions, no I/O: given findings and the [policy] thresholds they return
-a RecipientDecision (RCPT time) or a Decision (end of message). Precedence, in
-order, is the whole policy:
+a RecipientDecision (RCPT time) or a Decision (end of message). Checks report
+evidence only; every reply text lives here. First, evidence becomes effects:
 
-1. non-bypassable REJECT (virus, banned type) refuses — no allowlist helps;
-2. TEMPFAIL (a dependency failed and fails closed) defers: 4xx, nothing lost;
-3. an allowlist exemption (EXEMPT, not cancelled by UNEXEMPT) drops every
+- a body kept only in part ([milter] max_message_bytes) gets [milter]
+  oversize_action with a reply from ``OVERSIZE_REPLIES``, judged no further;
+- a probability with its thresholds (the classifier) becomes
+  ``<CHECK>_SPAM`` (refuse), ``<CHECK>_SUSPECT`` (points) or ``<CHECK>_HAM``.
+
+Then, in the order ``_judge`` applies them:
+
+1. a non-bypassable REJECT (virus, banned type) refuses — no allowlist helps;
+2. an allowlist exemption (EXEMPT, not cancelled by UNEXEMPT) drops every
    bypassable finding;
-4. a bypassable REJECT (classifier spam verdict) refuses;
+3. a remaining TEMPFAIL (a dependency failed and fails closed) defers: 4xx,
+   nothing lost;
+4. a remaining bypassable REJECT (classifier spam verdict) refuses;
 5. the sum of scores >= reject_score refuses with the reply of the finding that
    contributed most; >= tag_score accepts with X-Spam-Flag;
-6. otherwise accept.
+6. otherwise accept; findings marked ``unchecked`` name their check in
+   X-Filterd-Unchecked.
 
 Transactions are split by exemption class: a recipient whose class differs
 from the first accepted recipient's is deferred with 452 4.5.3, so that every
@@ -21,6 +30,8 @@ recipient gets the content decision its own list implies.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from typing import Literal
 
 from filterd.settings import MilterConfig, PolicyConfig
 from filterd.types import (
@@ -38,12 +49,62 @@ GENERIC_SPAM_REPLY = SmtpReply(550, "5.7.1", "Message refused as spam")
 GENERIC_TEMPFAIL = SmtpReply(
     451, "4.7.1", "Temporary failure in content filtering; try again later"
 )
-# Findings that mean "accepted without that check having looked" (fail-open settings).
-UNCHECKED_CODES = frozenset({"CLAMAV_OVERSIZE", "ENCRYPTED_ARCHIVE", "ARCHIVE_UNINSPECTABLE"})
-OVERSIZE_REPLIES = {
-    Action.REJECT: SmtpReply(552, "5.3.4", "Message too big for the content filter"),
-    Action.TEMPFAIL: SmtpReply(452, "4.3.1", "Message too big to filter now; try again later"),
+SPAM_REPLY = SmtpReply(550, "5.7.1", "Message refused: it looks like spam to our content filter")
+
+# The one oversize table: what was too big ("message": the body was not kept in
+# full; "scan": bigger than the virus scanner takes) x the configured action.
+OversizeScope = Literal["message", "scan"]
+OVERSIZE_REPLIES: dict[tuple[OversizeScope, Action], SmtpReply] = {
+    ("message", Action.REJECT): SmtpReply(552, "5.3.4", "Message too big for the content filter"),
+    ("message", Action.TEMPFAIL): SmtpReply(
+        452, "4.3.1", "Message too big to filter now; try again later"
+    ),
+    ("scan", Action.REJECT): SmtpReply(552, "5.3.4", "Message too big to be scanned for viruses"),
+    ("scan", Action.TEMPFAIL): SmtpReply(
+        452, "4.3.1", "Message too big to scan now; try again later"
+    ),
 }
+_OVERSIZE_ACTIONS = {
+    "reject": (Action.REJECT, Effect.REJECT),
+    "tempfail": (Action.TEMPFAIL, Effect.TEMPFAIL),
+    "accept": (Action.ACCEPT, Effect.SCORE),
+    "accept_with_header": (Action.ACCEPT, Effect.SCORE),
+}
+
+
+def oversize(scope: OversizeScope, action: str) -> tuple[Effect, SmtpReply | None]:
+    """Effect and reply for something too big to judge, from the one table."""
+    outcome, effect = _OVERSIZE_ACTIONS[action]
+    return effect, OVERSIZE_REPLIES.get((scope, outcome))
+
+
+def failure_reply(check: str) -> SmtpReply:
+    """The reply for a check that failed closed (its dependency is down)."""
+    return SmtpReply(451, "4.7.1", f"Temporary failure ({check}); try again later")
+
+
+def _evidence_to_effect(finding: Finding) -> Finding:
+    """A probability with thresholds becomes a verdict; failures get their reply."""
+    p, cut = finding.spam_probability, finding.thresholds
+    if p is not None and cut is not None:
+        prefix = finding.check.upper()
+        if p >= cut.reject:
+            return replace(
+                finding, code=f"{prefix}_SPAM", effect=Effect.REJECT, reply=SPAM_REPLY, score=0.0
+            )
+        if p >= cut.tag:
+            return replace(
+                finding, code=f"{prefix}_SUSPECT", effect=Effect.SCORE, score=cut.tag_points
+            )
+        return replace(finding, code=f"{prefix}_HAM", effect=Effect.SCORE, score=0.0)
+    if finding.unchecked and finding.effect is Effect.TEMPFAIL and finding.reply is None:
+        return replace(finding, reply=failure_reply(finding.check))
+    return finding
+
+
+def resolve(findings: Iterable[Finding]) -> list[Finding]:
+    """Findings with their evidence turned into effects (what ``_judge`` reads)."""
+    return [_evidence_to_effect(f) for f in findings]
 
 
 def is_exempt(findings: Iterable[Finding]) -> bool:
@@ -76,7 +137,7 @@ def _score(findings: Sequence[Finding]) -> float:
 def _judge(
     findings: Sequence[Finding], cfg: PolicyConfig
 ) -> tuple[Action, SmtpReply | None, str, float]:
-    """Rules 1-6 of the module docstring; returns (action, reply, reason code, score)."""
+    """Rules 1-6 of the module docstring, in that order; returns (action, reply, code, score)."""
     hard = _first(findings, Effect.REJECT, bypassable=False)
     if hard is not None:
         return Action.REJECT, hard.reply or GENERIC_SPAM_REPLY, hard.code, 0.0
@@ -105,6 +166,7 @@ def decide_recipient(
 ) -> RecipientDecision:
     """Decide one RCPT TO. ``accepted_class`` is the policy class of the first
     recipient already accepted in this transaction (None if there is none)."""
+    findings = resolve(findings)
     klass = policy_class(findings)
     action, reply, code, _ = _judge(findings, cfg)
     if action is Action.ACCEPT and accepted_class is not None and accepted_class != klass:
@@ -119,14 +181,14 @@ def decide_message(
     milter_cfg: MilterConfig,
 ) -> Decision:
     """Decide at end of message from RCPT-phase and content findings together."""
+    findings = resolve(findings)
     probability = next(
         (f.spam_probability for f in findings if f.spam_probability is not None), None
     )
     if message.oversize and milter_cfg.oversize_action != "accept":
         action = Action(milter_cfg.oversize_action)
-        return Decision(
-            action, OVERSIZE_REPLIES[action], "OVERSIZE", tuple(findings), (), probability
-        )
+        too_big = OVERSIZE_REPLIES[("message", action)]
+        return Decision(action, too_big, "OVERSIZE", tuple(findings), (), probability)
     action, reply, code, score = _judge(findings, cfg)
     headers: list[tuple[str, str]] = []
     if action is Action.ACCEPT:
@@ -139,14 +201,7 @@ def decide_message(
             headers.append(("X-Spam-Flag", "YES"))
         if cfg.add_score_header:
             headers.append(("X-Spam-Score", f"{score:.1f}"))
-        failed = sorted(
-            {
-                f.check
-                for f in findings
-                if f.code.endswith(("_FAIL", "_UNAVAILABLE"))
-                or (f.effect is Effect.SCORE and f.code in UNCHECKED_CODES)
-            }
-        )
+        failed = sorted({f.check for f in findings if f.unchecked})
         if failed:
             headers.append(("X-Filterd-Unchecked", ", ".join(failed)))
     return Decision(action, reply, code, tuple(findings), tuple(headers), probability)

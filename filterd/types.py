@@ -54,6 +54,19 @@ class SmtpReply:
 
 
 @dataclass(frozen=True)
+class Thresholds:
+    """Where a probability turns into an outcome, carried as evidence for the policy.
+
+    At or above ``reject`` the message is refused; at or above ``tag`` the finding
+    adds ``tag_points`` to the score. The check measures; the policy decides.
+    """
+
+    reject: float
+    tag: float
+    tag_points: float
+
+
+@dataclass(frozen=True)
 class Finding:
     """One named observation made by a check.
 
@@ -62,7 +75,10 @@ class Finding:
     proposed SMTP reply when its effect forces an outcome; the policy decides
     whether it is used. ``bypassable`` findings are dropped for recipients
     whose allowlist exempts the sender (blocklists, classifier); viruses and
-    banned types are not bypassable.
+    banned types are not bypassable. ``unchecked``: the check could not look
+    (failed open, list unavailable, too big to scan and accepted): the policy
+    names it in X-Filterd-Unchecked. ``spam_probability`` with ``thresholds`` is
+    a probability the policy turns into a verdict.
     """
 
     check: str
@@ -73,6 +89,8 @@ class Finding:
     reply: SmtpReply | None = None
     bypassable: bool = True
     spam_probability: float | None = None
+    thresholds: Thresholds | None = None
+    unchecked: bool = False
     # EXEMPT only: the exemption holds only if verified at end of message (strict
     # allowlist mode), so the checks it would skip must still run.
     provisional: bool = False

@@ -100,7 +100,7 @@ def test_unexempt_cancels_the_exemption() -> None:
 
 
 def test_fail_open_check_adds_unchecked_header() -> None:
-    failed = Finding("dnsbl", "DNSBL_FAIL", effect=Effect.SCORE)
+    failed = Finding("dnsbl", "DNSBL_FAIL", effect=Effect.SCORE, unchecked=True)
     d = decide(failed)
     assert d.action is Action.ACCEPT
     assert ("X-Filterd-Unchecked", "dnsbl") in d.add_headers

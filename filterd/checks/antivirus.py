@@ -27,6 +27,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from filterd import policy
 from filterd.addresses import AddressError, parse_clamd_address
 from filterd.checks.base import OnFailure, Services
 from filterd.clients.clamd import ClamdClient, ScanResult
@@ -38,9 +39,6 @@ NAME = "antivirus"
 UNOFFICIAL = ".UNOFFICIAL"
 
 OversizeAction = Literal["reject", "tempfail", "accept_with_header"]
-
-OVERSIZE_REJECT = SmtpReply(552, "5.3.4", "Message too big to be scanned for viruses")
-OVERSIZE_TEMPFAIL = SmtpReply(452, "4.3.1", "Message too big to scan now; try again later")
 
 
 class Config(Section):
@@ -124,12 +122,7 @@ class AntivirusCheck:
     def _oversize(self, detail: str) -> Finding:
         action = self.config.oversize_action
         detail = f"not scanned: {detail}; oversize_action={action}"
-        if action == "reject":
-            effect, reply = Effect.REJECT, OVERSIZE_REJECT
-        elif action == "tempfail":
-            effect, reply = Effect.TEMPFAIL, OVERSIZE_TEMPFAIL
-        else:
-            effect, reply = Effect.SCORE, None
+        effect, reply = policy.oversize("scan", action)
         return Finding(
             check=self.name,
             code="CLAMAV_OVERSIZE",
@@ -137,6 +130,7 @@ class AntivirusCheck:
             effect=effect,
             reply=reply,
             bypassable=False,
+            unchecked=effect is Effect.SCORE,
         )
 
 

@@ -370,7 +370,7 @@ class AttachmentsCheck:
         detail = f"{where}: {obstacle.kind}; action={action}"
         if action == "reject":
             return [_reject(code, text, detail)]
-        return [Finding(check=NAME, code=code, detail=detail, bypassable=False)]
+        return [Finding(check=NAME, code=code, detail=detail, bypassable=False, unchecked=True)]
 
 
 def build(config: Config, services: Services) -> AttachmentsCheck:

@@ -16,7 +16,7 @@ from filterd.checks.base import Services
 from filterd.classify.model import ModelError
 from filterd.classify.registry import ModelHolder
 from filterd.settings import Section, resolve_path
-from filterd.types import Effect, Finding, Message, SmtpReply
+from filterd.types import Finding, Message, SmtpReply, Thresholds
 
 SECTION = "classifier"
 
@@ -61,28 +61,9 @@ class ClassifierCheck:
         p = model.score(message.head(self.config.max_bytes))
         reject, tag = self.thresholds(model.thresholds)
         detail = f"p={p:.4f} model={model.name}"
-        if p >= reject:
-            return [
-                Finding(
-                    self.name,
-                    "CLASSIFIER_SPAM",
-                    detail,
-                    effect=Effect.REJECT,
-                    reply=SPAM_REPLY,
-                    spam_probability=p,
-                )
-            ]
-        if p >= tag:
-            return [
-                Finding(
-                    self.name,
-                    "CLASSIFIER_SUSPECT",
-                    detail,
-                    score=self.config.tag_points,
-                    spam_probability=p,
-                )
-            ]
-        return [Finding(self.name, "CLASSIFIER_HAM", detail, spam_probability=p)]
+        # Evidence only: filterd.policy turns p and these thresholds into SPAM/SUSPECT/HAM.
+        cut = Thresholds(reject, tag, self.config.tag_points)
+        return [Finding(self.name, "CLASSIFIER", detail, spam_probability=p, thresholds=cut)]
 
     def close(self) -> None:
         pass

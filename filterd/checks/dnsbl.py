@@ -132,7 +132,7 @@ class DnsblCheck(EngineCheck):
                 return list(memo[1])
         findings = tuple(self.engine.evaluate(self.subjects(envelope), self.config.budget))
         keep = self.config.transaction_cache_seconds
-        if any(f.code == "DNSBL_UNAVAILABLE" for f in findings):
+        if any(f.unchecked for f in findings):
             # Long enough for the other RCPTs of this transaction, short enough
             # that the next transaction asks a recovered list again.
             keep = min(keep, _UNAVAILABLE_MEMO_SECONDS)

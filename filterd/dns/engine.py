@@ -160,6 +160,7 @@ class Engine:
                     score=0.0,
                     effect=Effect.SCORE,
                     bypassable=True,
+                    unchecked=True,
                 )
             )
         return findings
