@@ -49,7 +49,7 @@ class Daemon:
             runtime = Runtime(settings)
             _selftest(runtime)
             holder = adapter.RuntimeHolder(runtime)
-            adapter.HOLDER = holder
+            adapter.install(holder)
             signal.signal(signal.SIGHUP, self._on_hup)
             signal.signal(signal.SIGTERM, self._on_term)
             signal.signal(signal.SIGINT, self._on_term)
@@ -77,7 +77,6 @@ class Daemon:
             threading.Thread(target=_chmod_socket, args=(address.path, mode), daemon=True).start()
         else:
             threading.Thread(target=_set_nodelay, args=(address.port,), daemon=True).start()
-        Milter.factory = adapter.FilterdMilter
         Milter.set_flags(Milter.ADDHDRS)
         log.info("milter listening", extra={"socket": settings.milter.socket})
         try:

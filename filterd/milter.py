@@ -13,14 +13,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import wraps
 from typing import Any, TypeVar
 
 import Milter
 
-from filterd.builder import MessageBuilder
 from filterd.runtime import Runtime
-from filterd.types import Action, Decision, Envelope, RecipientDecision, SmtpReply
+from filterd.transaction import Transaction
+from filterd.types import Action, Decision, Envelope, SmtpReply
 
 log = logging.getLogger("filterd.milter")
 
@@ -63,7 +64,17 @@ class RuntimeHolder:
             self.in_flight += delta
 
 
-HOLDER: RuntimeHolder | None = None
+def install(holder: RuntimeHolder) -> None:
+    """Serve every new milter connection from ``holder``'s Runtime.
+
+    pymilter creates one ``Milter.factory()`` object per SMTP connection; the
+    factory made here closes over the holder, so no module global is needed.
+    """
+
+    def factory() -> FilterdMilter:
+        return FilterdMilter(holder)
+
+    Milter.factory = factory
 
 
 def _guarded(func: F) -> F:
@@ -89,13 +100,14 @@ def _clean_addr(value: str) -> str:
 
 
 class FilterdMilter(Milter.Base):  # type: ignore[misc]
-    def __init__(self) -> None:
-        assert HOLDER is not None, "install a RuntimeHolder before serving"
-        self.runtime = HOLDER.acquire()
+    """One SMTP connection: its client facts, and the transaction in progress, if any."""
+
+    def __init__(self, holder: RuntimeHolder) -> None:
+        self.holder = holder
+        self.runtime = holder.acquire()
+        # Connection-level facts (client, HELO); MAIL FROM starts a Transaction with them.
         self.envelope = Envelope()
-        self.builder: MessageBuilder | None = None
-        self.accepted: list[RecipientDecision] = []
-        self.in_transaction = False
+        self.tx: Transaction | None = None
 
     # -- replies -----------------------------------------------------------
     def _reply(self, reply: SmtpReply) -> None:
@@ -105,14 +117,10 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
             log.debug("setreply failed", exc_info=True)
 
     def _end_transaction(self) -> None:
-        if self.builder is not None:
-            self.builder.close()
-            self.builder = None
-        self.accepted = []
-        if self.in_transaction:
-            self.in_transaction = False
-            assert HOLDER is not None
-            HOLDER.track(-1)
+        if self.tx is not None:
+            self.tx.close()
+            self.tx = None
+            self.holder.track(-1)
 
     # -- callbacks ---------------------------------------------------------
     @Milter.noreply
@@ -130,38 +138,27 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
     @Milter.noreply
     @_guarded
     def hello(self, heloname: str) -> int:
-        self.envelope = Envelope(
-            client_ip=self.envelope.client_ip, client_name=self.envelope.client_name, helo=heloname
-        )
+        self.envelope = replace(self.envelope, helo=heloname)
         return Milter.CONTINUE
 
     @Milter.noreply
     @_guarded
     def envfrom(self, mailfrom: str, *params: str) -> int:
         self._end_transaction()
-        assert HOLDER is not None
-        HOLDER.track(+1)
-        self.in_transaction = True
         auth = self.getsymval("{auth_authen}")
-        self.envelope = Envelope(
-            client_ip=self.envelope.client_ip,
-            client_name=self.envelope.client_name,
-            helo=self.envelope.helo,
-            mail_from=_clean_addr(mailfrom),
-            auth_user=auth or None,
-        )
-        self.builder = MessageBuilder(self.runtime.settings.milter, self.envelope)
+        envelope = replace(self.envelope, mail_from=_clean_addr(mailfrom), auth_user=auth or None)
+        self.holder.track(+1)
+        self.tx = Transaction(self.runtime, envelope, spool=True)
         return Milter.CONTINUE
 
     @_guarded
     def envrcpt(self, to: str, *params: str) -> int:
-        rcpt = _clean_addr(to)
-        first_class = self.accepted[0].policy_class if self.accepted else None
-        decision = self.runtime.pipeline.judge_recipient(self.envelope, rcpt, first_class)
-        if decision.action is Action.ACCEPT:
-            self.accepted.append(decision)
+        if self.tx is None:  # RCPT without MAIL: libmilter never does this
             return Milter.CONTINUE
-        self.runtime.notify_recipient(self.envelope, decision)
+        decision = self.tx.add_recipient(_clean_addr(to))
+        if decision.action is Action.ACCEPT:
+            return Milter.CONTINUE
+        self.runtime.notify_recipient(self.tx.envelope, decision)
         log.info(
             "recipient refused",
             extra={"event": "rcpt", "action": decision.action.value, "code": decision.reason_code},
@@ -188,40 +185,36 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
     @Milter.decode("bytes")
     @_guarded
     def header(self, name: Any, value: Any) -> int:
-        if self.builder is not None:
+        if self.tx is not None and self.tx.builder is not None:
             name_b = (
                 name if isinstance(name, bytes) else str(name).encode("utf-8", "surrogateescape")
             )
             value_b = (
                 value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogateescape")
             )
-            self.builder.add_header(name_b, value_b)
+            self.tx.builder.add_header(name_b, value_b)
         return Milter.CONTINUE
 
     @Milter.noreply
     @_guarded
     def body(self, chunk: bytes) -> int:
-        if self.builder is not None:
-            self.builder.add_body(chunk)
+        if self.tx is not None and self.tx.builder is not None:
+            self.tx.builder.add_body(chunk)
         return Milter.CONTINUE
 
     @_guarded
     def eom(self) -> int:
-        if self.builder is None:
+        tx = self.tx
+        if tx is None or tx.builder is None:
             return Milter.CONTINUE
         start = time.monotonic()
-        recipients = tuple(d.recipient for d in self.accepted)
-        message = self.builder.build(recipients, self.getsymval("i") or None)
-        rcpt_findings = [f for d in self.accepted for f in d.findings]
-        decision = self.runtime.pipeline.judge_message(message, rcpt_findings)
+        message = tx.spooled_message(self.getsymval("i") or None)
+        decision = tx.judge(message)
         self._apply(decision)
         records_start = time.monotonic()
         self.runtime.notify_message(message, decision)
         records_ms = (time.monotonic() - records_start) * 1000
-        rcpt_ms: dict[str, float] = {}
-        for accepted in self.accepted:
-            for name, seconds in accepted.timings.items():
-                rcpt_ms[name] = rcpt_ms.get(name, 0.0) + seconds * 1000
+        rcpt_ms = tx.rcpt_timings_ms()
         log.info(
             "message judged",
             extra={

@@ -7,21 +7,18 @@ same transaction split), then content for the accepted ones.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from filterd.runtime import Runtime
-from filterd.types import Action, Envelope, Message, RecipientDecision
+from filterd.transaction import Transaction
+from filterd.types import Envelope
 
 
 def scan_bytes(runtime: Runtime, raw: bytes, envelope: Envelope) -> dict[str, Any]:
-    pipeline = runtime.pipeline
-    accepted: list[RecipientDecision] = []
-    refused: list[RecipientDecision] = []
+    tx = Transaction(runtime, envelope)
     for rcpt in envelope.recipients:
-        first_class = accepted[0].policy_class if accepted else None
-        decision = pipeline.judge_recipient(envelope, rcpt, first_class)
-        (accepted if decision.action is Action.ACCEPT else refused).append(decision)
+        tx.add_recipient(rcpt)
+    accepted, refused = tx.accepted, tx.refused
     per_rcpt = [
         {
             "rcpt": d.recipient,
@@ -41,10 +38,7 @@ def scan_bytes(runtime: Runtime, raw: bytes, envelope: Envelope) -> dict[str, An
             "reasons": [f.as_reason() for d in refused for f in d.findings],
             "recipients": per_rcpt,
         }
-    message = Message.from_bytes(
-        raw, replace(envelope, recipients=tuple(d.recipient for d in accepted))
-    )
-    verdict = pipeline.judge_message(message, [f for d in accepted for f in d.findings])
+    verdict = tx.judge(tx.message_from_bytes(raw))
     return {
         "action": verdict.action.value,
         "smtp_reply": _reply(verdict.reply),
