@@ -12,8 +12,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from filterd.errors import InvalidValue
 
-class AddressError(ValueError):
+
+class AddressError(InvalidValue):
     """An address string that does not follow its documented notation."""
 
 

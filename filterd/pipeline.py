@@ -18,15 +18,12 @@ from dataclasses import dataclass
 from filterd import policy
 from filterd.checks import REGISTRY
 from filterd.checks.base import Check, MessageCheck, RecipientCheck, Services
+from filterd.errors import CheckBuildError as CheckBuildError  # re-exported: its old home
 from filterd.mail import analysis
 from filterd.settings import Settings
 from filterd.types import Decision, Effect, Envelope, Finding, Message, RecipientDecision
 
 log = logging.getLogger("filterd.pipeline")
-
-
-class CheckBuildError(Exception):
-    """A configured check could not be created (bad config, missing model...)."""
 
 
 def _failure(check: Check, reason: str) -> Finding:

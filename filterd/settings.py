@@ -20,16 +20,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from filterd.addresses import AddressError, parse_milter_socket
+from filterd.errors import ConfigError as ConfigError  # re-exported: its old home
+from filterd.tomlfile import load_toml, validation_report
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "rules" / "filterd.toml"
 ENV_PREFIX = "FILTERD_"
 
 log = logging.getLogger("filterd.settings")
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; the message names the key."""
 
 
 class Section(BaseModel):
@@ -216,25 +214,14 @@ def _apply_env(
 
 
 def _format_error(source: Path, section: str, exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(section)"
-        got = err.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{source}: [{section}] {key}: {err['msg']}{shown}")
-    return "\n".join(lines)
+    return validation_report(source, exc, section)
 
 
 def load_settings(path: Path | str | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Load, override from the environment, validate. Raises ConfigError."""
     env = os.environ if env is None else env
     source = Path(path or env.get("FILTERD_CONFIG") or DEFAULT_CONFIG)
-    try:
-        data = tomllib.loads(source.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{source}: configuration file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    data = load_toml(source, "configuration file")
     models = section_models()
     section_aliases, check_aliases = _aliases()
     written_as: dict[str, str] = {}

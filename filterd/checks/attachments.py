@@ -25,7 +25,6 @@ Nothing is quarantined.
 from __future__ import annotations
 
 import struct
-import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from filterd.checks.base import OnFailure, Services
 from filterd.mail.analysis import analysis_of
 from filterd.mail.walk import Item, Obstacle, WalkLimits
 from filterd.settings import ConfigError, Section
+from filterd.tomlfile import load_toml, validation_report
 from filterd.types import Effect, Finding, Message, SmtpReply
 
 SECTION = "attachments"
@@ -112,17 +112,11 @@ class BannedTypes(BaseModel):
 
 def load_banned(path: Path) -> BannedTypes:
     """Read and validate the banned list; ConfigError names the file and key."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: banned types file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = load_toml(path, "banned types file")
     try:
         return BannedTypes.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{path}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(validation_report(path, exc)) from None
 
 
 # -- content sniffing -------------------------------------------------------------

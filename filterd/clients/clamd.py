@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import pyclamd
 
 from filterd.addresses import SocketAddress, parse_clamd_address
+from filterd.errors import DependencyError
 
 CHUNK_BYTES = 64 * 1024
 MAX_REPLY_BYTES = 4096
@@ -55,7 +56,7 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,119}$")
 _LIMIT_PREFIX = "Heuristics.Limits.Exceeded"
 
 
-class ClamdError(Exception):
+class ClamdError(DependencyError):
     """clamd could not give a verdict; the message was not scanned."""
 
 

@@ -11,6 +11,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from filterd.errors import DependencyError
 from filterd.services.redis import private_socket, private_state_dir
 from filterd.settings import Settings
 
@@ -23,7 +24,7 @@ __all__ = [
 ]
 
 
-class RedisNotConfigured(Exception):
+class RedisNotConfigured(DependencyError):
     """No Redis URL is configured and no daemon-private Redis is running."""
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import field_validator, model_validator
 
 from filterd.addresses import AddressError, parse_nameservers
+from filterd.errors import InvalidValue
 from filterd.settings import Section
 
 ListType = Literal["ip", "domain"]
@@ -31,7 +32,7 @@ _PATTERN_RE = re.compile(rf"^{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}$")
 _ZONE_RE = re.compile(r"^(?=.{1,200}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9-]{1,63}$")
 
 
-class PatternError(ValueError):
+class PatternError(InvalidValue):
     """A return-code pattern that does not follow postscreen's notation."""
 
 

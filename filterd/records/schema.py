@@ -11,13 +11,14 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import re
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filterd.errors import FilterdError
 from filterd.settings import resolve_path
+from filterd.tomlfile import load_toml
 
 DEFAULT_SCHEMA = resolve_path("rules/retention.toml")
 
@@ -35,7 +36,7 @@ _DURATION = re.compile(r"^([1-9][0-9]{0,8})([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-class SchemaError(Exception):
+class SchemaError(FilterdError):
     """The schema file cannot be used; the message names the file, kind and field."""
 
 
@@ -353,12 +354,7 @@ def _load_categories(raw: Any) -> tuple[CategoryRule, ...]:
 def load_schema(path: Path | str | None = None) -> Schema:
     """Load and check the schema; raises SchemaError naming file, kind and field."""
     source = Path(path) if path else DEFAULT_SCHEMA
-    try:
-        data = tomllib.loads(source.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SchemaError(f"{source}: retention schema not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SchemaError(f"{source}: not valid TOML: {exc}") from None
+    data = load_toml(source, "retention schema", SchemaError)
     try:
         return _build(source, data)
     except SchemaError as exc:
