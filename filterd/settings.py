@@ -71,6 +71,9 @@ class PipelineConfig(Section):
     rcpt_budget_seconds: float = 8.0
     message_budget_seconds: float = 25.0
     workers: int = 16
+    # CPU-bound checks (the attachment walk) run one after another on the
+    # connection's thread while the I/O-bound ones wait in the pool (bench/core_bench.py).
+    inline_cpu_checks: bool = True
 
 
 class PolicyConfig(Section):

@@ -268,6 +268,8 @@ class AttachmentsCheck:
     name = NAME
     bypassable = False
     gate = False
+    # Pure CPU (the walk): the pipeline runs it on the connection's thread.
+    cpu_bound = True
 
     def __init__(self, config: Config, banned: BannedTypes, spool_dir: str | None = None) -> None:
         self.config = config
