@@ -118,7 +118,7 @@ class Daemon:
         else:
             threading.Thread(target=_set_nodelay, args=(address.port,), daemon=True).start()
         Milter.factory = adapter.FilterdMilter
-        Milter.set_flags(Milter.ADDHDRS)
+        Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS)  # CHGHDRS: outbound header stripping
         log.info("milter listening", extra={"socket": settings.milter.socket})
         try:
             Milter.runmilter("filterd", settings.milter.socket, settings.milter.timeout)

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -96,6 +97,10 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
         self.builder: MessageBuilder | None = None
         self.accepted: list[RecipientDecision] = []
         self.in_transaction = False
+        # The connecting client as Postfix told us; kept out of the Envelope of
+        # authenticated submissions, used only to strip it from outbound headers.
+        self.client_ip: str | None = None
+        self.client_name: str | None = None
 
     # -- replies -----------------------------------------------------------
     def _reply(self, reply: SmtpReply) -> None:
@@ -124,15 +129,18 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
                 ip = str(ipaddress.ip_address(str(hostaddr[0]).split("%")[0]))
             except ValueError:
                 ip = None
-        self.envelope = Envelope(client_ip=ip, client_name=hostname or None)
+        self.client_ip, self.client_name = ip, hostname or None
+        self.envelope = Envelope(
+            client_ip=ip,
+            client_name=hostname or None,
+            daemon_name=self.getsymval("{daemon_name}") or None,
+        )
         return Milter.CONTINUE
 
     @Milter.noreply
     @_guarded
     def hello(self, heloname: str) -> int:
-        self.envelope = Envelope(
-            client_ip=self.envelope.client_ip, client_name=self.envelope.client_name, helo=heloname
-        )
+        self.envelope = replace(self.envelope, helo=heloname)
         return Milter.CONTINUE
 
     @Milter.noreply
@@ -144,12 +152,14 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
         self.in_transaction = True
         auth = self.getsymval("{auth_authen}")
         self.envelope = Envelope(
-            client_ip=self.envelope.client_ip,
-            client_name=self.envelope.client_name,
+            client_ip=self.client_ip,
+            client_name=self.client_name,
             helo=self.envelope.helo,
             mail_from=_clean_addr(mailfrom),
             auth_user=auth or None,
+            daemon_name=self.envelope.daemon_name,
         )
+        self.envelope = self.runtime.outbound.prepare(self.envelope)
         self.builder = MessageBuilder(self.runtime.settings.milter, self.envelope)
         return Milter.CONTINUE
 
@@ -157,7 +167,8 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
     def envrcpt(self, to: str, *params: str) -> int:
         rcpt = _clean_addr(to)
         first_class = self.accepted[0].policy_class if self.accepted else None
-        decision = self.runtime.pipeline.judge_recipient(self.envelope, rcpt, first_class)
+        pipeline = self.runtime.pipeline_for(self.envelope)
+        decision = pipeline.judge_recipient(self.envelope, rcpt, first_class)
         if decision.action is Action.ACCEPT:
             self.accepted.append(decision)
             return Milter.CONTINUE
@@ -213,8 +224,14 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
         recipients = tuple(d.recipient for d in self.accepted)
         message = self.builder.build(recipients, self.getsymval("i") or None)
         rcpt_findings = [f for d in self.accepted for f in d.findings]
-        decision = self.runtime.pipeline.judge_message(message, rcpt_findings)
+        decision = self.runtime.pipeline_for(message.envelope).judge_message(message, rcpt_findings)
         self._apply(decision)
+        if decision.action is Action.ACCEPT:
+            outbound = self.runtime.outbound
+            for name, index in outbound.headers_to_remove(
+                message, self.client_ip, self.client_name
+            ):
+                self.chgheader(name, index, None)
         records_start = time.monotonic()
         self.runtime.notify_message(message, decision)
         records_ms = (time.monotonic() - records_start) * 1000

@@ -16,6 +16,8 @@ from typing import Protocol
 import redis
 
 from filterd.checks.base import Services
+from filterd.outbound import build_outbound
+from filterd.outbound.pipeline import OutboundPipeline
 from filterd.pipeline import Pipeline, build_checks
 from filterd.redisclient import connect
 from filterd.settings import Settings
@@ -50,7 +52,11 @@ class Runtime:
         checks = build_checks(settings, self.services)
         try:
             self.pipeline = Pipeline(settings, checks)
-            self.observers: Sequence[Observer] = _observers(settings, client)
+            self.outbound = build_outbound(settings, self.services, checks)
+            self.observers: Sequence[Observer] = [
+                *_observers(settings, client),
+                *self.outbound.observers,
+            ]
         except BaseException:
             for check in checks.values():
                 check.close()
@@ -79,7 +85,14 @@ class Runtime:
         if close_now:
             self._close()
 
+    def pipeline_for(self, envelope: Envelope) -> Pipeline | OutboundPipeline:
+        """The outbound pipeline for outbound envelopes (see filterd.outbound)."""
+        if envelope.direction == "outbound" and self.outbound.pipeline is not None:
+            return self.outbound.pipeline
+        return self.pipeline
+
     def _close(self) -> None:
+        self.outbound.close()
         self.pipeline.close()
         if self.services.redis is not None:
             self.services.redis.close()

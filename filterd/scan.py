@@ -15,7 +15,8 @@ from filterd.types import Action, Envelope, Message, RecipientDecision
 
 
 def scan_bytes(runtime: Runtime, raw: bytes, envelope: Envelope) -> dict[str, Any]:
-    pipeline = runtime.pipeline
+    envelope = runtime.outbound.prepare(envelope)
+    pipeline = runtime.pipeline_for(envelope)
     accepted: list[RecipientDecision] = []
     refused: list[RecipientDecision] = []
     for rcpt in envelope.recipients:

@@ -107,6 +107,7 @@ _CORE_SECTIONS: dict[str, type[Section]] = {
 _EXTRA_SECTION_MODULES: tuple[str, ...] = (
     "filterd.records.config",
     "filterd.allowlist.config",
+    "filterd.outbound.config",
 )
 
 
