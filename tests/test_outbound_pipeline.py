@@ -48,7 +48,7 @@ def _runtime(tmp_path: Path, redis_url: str, rbl: Any, **outbound: Any) -> Runti
                     }
                 ],
             },
-            "outbound": {"message_checks": ["classifier"], "reject_threshold": 0.9, **outbound},
+            "outbound": {"reject_threshold": 0.9, **outbound},
         },
     )
     return Runtime(load_settings(cfg, env={}))
@@ -76,6 +76,12 @@ def test_allowlist_exempts_inbound_but_never_outbound_spam(runtime: Runtime) -> 
     result = scan_bytes(runtime, SPAM_MESSAGE, outbound)
     assert result["action"] == "reject" and result["reason_code"] == "OUTBOUND_SPAM"
     assert result["smtp_reply"].startswith("550 5.7.1 Your message was not sent")
+
+
+def test_outbound_checks_default_to_the_content_checks_run_inbound(runtime: Runtime) -> None:
+    assert runtime.outbound.pipeline is not None
+    # Inbound runs allowlist + classifier: outbound shares the classifier, never the allowlist.
+    assert list(runtime.outbound.pipeline.checks) == ["classifier"]
 
 
 def test_client_ip_blocklists_do_not_apply_to_authenticated_users(runtime: Runtime) -> None:

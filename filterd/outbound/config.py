@@ -19,6 +19,7 @@ SECTION = "outbound"
 WINDOWS: dict[str, int] = {"minute": 60, "hour": 3600, "day": 86400}
 UNITS = ("messages", "recipients")
 LIMIT_NAMES = tuple(f"{unit}_per_{window}" for unit in UNITS for window in WINDOWS)
+DEFAULT_MESSAGE_CHECKS = ("antivirus", "attachments", "classifier")
 
 
 class Config(Section):
@@ -29,7 +30,9 @@ class Config(Section):
     # `-o milter_macro_daemon_name=NAME`, seen by milters as {daemon_name}).
     services: list[str] = []
     # Content checks for outbound mail; allowlists and client-IP blocklists never apply.
-    message_checks: list[str] = ["antivirus", "attachments", "classifier"]
+    # None: those of DEFAULT_MESSAGE_CHECKS that [pipeline] message_checks runs inbound
+    # (shared instances); a list given here is built even if inbound does not run it.
+    message_checks: list[str] | None = None
     # Classifier probability that refuses outbound mail; None = the model card's threshold.
     reject_threshold: float | None = Field(default=None, gt=0, le=1)
     # Per-login limits; 0 = unlimited.

@@ -3,8 +3,8 @@
 - RCPT time: only the per-account rate limits (``450 4.7.1`` with a retry hint).
   Allowlists never apply to outbound mail (a hijacked account must not be
   exempted by a recipient's list of it), and neither do client-IP blocklists.
-- End of message: ``[outbound] message_checks`` (antivirus, banned attachments,
-  classifier) through an ordinary ``filterd.pipeline.Pipeline``, so viruses and
+- End of message: ``[outbound] message_checks`` (default: antivirus, banned
+  attachments and classifier where the inbound pipeline runs them) through an ordinary ``filterd.pipeline.Pipeline``, so viruses and
   banned types get exactly the inbound ``554 5.7.1``; the classifier's
   probability is judged against ``[outbound] reject_threshold`` and spam is
   refused with a reply that tells the sender what happened.
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from filterd import policy
 from filterd.checks.base import Check, MessageCheck, Services
-from filterd.outbound.config import Config
+from filterd.outbound.config import DEFAULT_MESSAGE_CHECKS, Config
 from filterd.outbound.ratelimit import RateLimiter, SubjectKind
 from filterd.pipeline import CheckBuildError, Pipeline
 from filterd.settings import Settings
@@ -116,8 +116,13 @@ class OutboundPipeline:
         self.limiter = limiter
         self._own: list[Check] = []
         checks: dict[str, Check] = {}
+        if config.message_checks is None:
+            inbound = settings.pipeline.message_checks
+            names = [n for n in DEFAULT_MESSAGE_CHECKS if n in inbound]
+        else:
+            names = list(config.message_checks)
         try:
-            for name in config.message_checks:
+            for name in names:
                 check = inbound_checks.get(name)
                 if check is None:
                     check = self._build(settings, services, name)
@@ -131,7 +136,7 @@ class OutboundPipeline:
                 )
             sections = dict(settings.sections)
             sections["pipeline"] = settings.pipeline.model_copy(
-                update={"recipient_checks": [], "message_checks": list(config.message_checks)}
+                update={"recipient_checks": [], "message_checks": names}
             )
             # No X-Spam-Score / X-Spam-Flag on mail our own users send.
             sections["policy"] = settings.policy.model_copy(update={"add_score_header": False})
