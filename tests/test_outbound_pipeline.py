@@ -115,3 +115,33 @@ def test_redis_down_tempfails_outbound_at_rcpt(tmp_path: Path, rbldnsd: RbldnsdF
     finally:
         server.stop()
         rt.retire()
+
+
+def test_unauthenticated_outbound_service_is_limited_per_ip(
+    tmp_path: Path, redis_url: str, rbldnsd: RbldnsdFactory
+) -> None:
+    rbl = rbldnsd([("zen.test", "ip4set", ":127.0.0.2:listed\n203.0.113.250\n")])
+    rt = _runtime(
+        tmp_path,
+        redis_url,
+        rbl,
+        services=["webmail"],
+        limit_unauthenticated_by_ip=True,
+        messages_per_minute=1,
+    )
+    try:
+        env = rt.outbound.prepare(
+            Envelope(client_ip="10.9.8.7", daemon_name="webmail", mail_from="w@example.org")
+        )
+        assert env.direction == "outbound" and env.client_ip == "10.9.8.7"
+        pipeline = rt.pipeline_for(env)
+        assert pipeline.judge_recipient(env, "b@example.net", None).action.value == "accept"
+        second = pipeline.judge_recipient(env, "b@example.net", None)
+        assert second.action.value == "tempfail" and second.reply is not None
+        assert str(second.reply).startswith(
+            "450 4.7.1 Sending limit reached (1 message per minute"
+        )
+        other = rt.outbound.prepare(Envelope(client_ip="10.9.8.6", daemon_name="webmail"))
+        assert pipeline.judge_recipient(other, "b@example.net", None).action.value == "accept"
+    finally:
+        rt.retire()

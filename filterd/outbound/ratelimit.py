@@ -124,7 +124,7 @@ class Verdict:
         if self.limit_name is None:
             return ""
         unit, _, window = self.limit_name.partition("_per_")
-        return f"{self.limit} {unit} per {window}"
+        return f"{self.limit} {unit if self.limit != 1 else unit[:-1]} per {window}"
 
 
 @dataclass(frozen=True)
