@@ -4,8 +4,9 @@
   Allowlists never apply to outbound mail (a hijacked account must not be
   exempted by a recipient's list of it), and neither do client-IP blocklists.
 - End of message: ``[outbound] message_checks`` (default: antivirus, banned
-  attachments and classifier where the inbound pipeline runs them) through an ordinary ``filterd.pipeline.Pipeline``, so viruses and
-  banned types get exactly the inbound ``554 5.7.1``; the classifier's
+  attachments and classifier where the inbound pipeline runs them) through an
+  ordinary ``filterd.pipeline.Pipeline``, so viruses and banned types get
+  exactly the inbound ``554 5.7.1``; the classifier's
   probability is judged against ``[outbound] reject_threshold`` and spam is
   refused with a reply that tells the sender what happened.
 
