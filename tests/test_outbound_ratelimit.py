@@ -6,14 +6,17 @@ import multiprocessing
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import redis
 from click.testing import CliRunner
 from redis.crc import key_slot
 
+from filterd.devservers import make_reachable
 from filterd.outbound.config import LIMIT_NAMES
 from filterd.outbound.ratelimit import RateLimiter, outbound_keys
+from tests.outbound_servers import RedisCluster3
 
 pytestmark = pytest.mark.integration
 
@@ -142,3 +145,23 @@ def test_limits_cli_set_show_reset(redis_url: str) -> None:
     reset = runner.invoke(main, ["limits", "reset", *base, "u@example.org"])
     assert reset.exit_code == 0
     assert rl.overrides("u", "u@example.org") == {}
+
+
+def test_the_script_runs_on_redis_cluster(tmp_path: Path) -> None:
+    """All keys of one decision share a hash tag, so Cluster accepts the script; logins land
+    on different slots and still work."""
+    with RedisCluster3(make_reachable(tmp_path)) as cluster:
+        client = cluster.client()
+        try:
+            rl = RateLimiter(client, {**NO_LIMITS, "messages_per_hour": 2})
+            for login in ("alice@example.org", "bob@example.net", "carol@example.com"):
+                assert rl.consume("u", login, 1, 1).allowed
+                assert rl.consume("u", login, 1, 1).allowed
+                assert not rl.consume("u", login, 1, 1).allowed
+            slots = {
+                key_slot(outbound_keys("u", x).override.encode())
+                for x in ("alice@example.org", "bob@example.net", "carol@example.com")
+            }
+            assert len(slots) == 3
+        finally:
+            client.close()
