@@ -33,14 +33,14 @@ __all__ = ["SECTION", "Config", "Outbound", "build_outbound"]
 
 log = logging.getLogger("filterd.outbound")
 
-# Retention of the per-account spam counter: rules/retention.toml tag "outbound-abuse".
-SPAM_COUNTER_SECONDS = 30 * 86400
+# The per-account spam counter lives as long as this rules/retention.toml tag says.
+SPAM_COUNTER_TAG = "outbound-abuse"
 
 
 class SpamCounter:
     """Counts refused outbound spam per login and UTC day (an observer; never raises)."""
 
-    def __init__(self, client: Any, ttl: int = SPAM_COUNTER_SECONDS) -> None:
+    def __init__(self, client: Any, ttl: int) -> None:
         self.redis = client
         self.ttl = ttl
 
@@ -105,5 +105,27 @@ def build_outbound(settings: Settings, services: Services, checks: dict[str, Che
     if limiter is None:
         log.warning("outbound: no Redis configured; sending limits are not enforced")
     pipeline = OutboundPipeline(settings, config, services, checks, limiter)
-    observers: list[Any] = [SpamCounter(services.redis)] if services.redis is not None else []
+    observers: list[Any] = []
+    ttl = _spam_counter_ttl(settings)
+    if services.redis is not None and ttl is not None:
+        observers.append(SpamCounter(services.redis, ttl))
     return Outbound(config, pipeline, limiter, observers)
+
+
+def _spam_counter_ttl(settings: Settings) -> int | None:
+    """Seconds of the "outbound-abuse" tag; None (nothing stored) when it is not declared."""
+    from filterd.records.schema import SchemaError, load_schema
+
+    records = settings.sections.get("records")
+    path = getattr(records, "schema_file", "") or None
+    try:
+        schema = load_schema(settings.resolve_path(path) if path else None)
+    except SchemaError as exc:
+        log.warning("outbound: no per-account spam counter: %s", exc)
+        return None
+    retention = schema.tags.get(SPAM_COUNTER_TAG)
+    if retention is None or retention.seconds is None:
+        log.warning("outbound: no per-account spam counter: tag %r has no expiry in %s",
+                    SPAM_COUNTER_TAG, schema.source)  # fmt: skip
+        return None
+    return retention.seconds
