@@ -178,3 +178,11 @@ def test_submission_leaks(tmp_path: Path) -> None:
     assert "ESMTPA and ESMTPSA" in submission_leaks(main_cf, good, (3, 7, 11))[0]
     assert "no smtpd_milters" in submission_leaks("", good, (3, 7, 11))[0]
     assert "no submission service" in submission_leaks(main_cf, "", (3, 7, 11))[0]
+    (tmp_path / "main.cf").write_text(main_cf)
+    (tmp_path / "master.cf").write_text(hidden)
+    for main_path, master_path in (
+        (tmp_path / "main.cf", tmp_path / "master.cf"),
+        (str(tmp_path / "main.cf"), str(tmp_path / "master.cf")),
+    ):
+        assert submission_leaks(main_path, master_path, (3, 10, 0)) == []
+        assert submission_leaks(main_path, master_path, (3, 9, 0))  # no hide_client_session

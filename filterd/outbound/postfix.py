@@ -287,16 +287,23 @@ def _rule_matches_both(table: str) -> str | None:
     return f"header_checks {path} has no rule removing Received: lines with ESMTPA and ESMTPSA"
 
 
+def _text_of(source: str | Path) -> str:
+    """A Path, or a str naming an existing file (one line, no newline), is read; other str
+    values are the file's text."""
+    if isinstance(source, str) and ("\n" in source or not source or not Path(source).is_file()):
+        return source
+    return Path(source).read_text()
+
+
 def submission_leaks(
     main_cf: str | Path, master_cf: str | Path, version: Version | None = None
 ) -> list[str]:
     """Warnings (empty when fine) about submission services that would leak the client IP.
 
-    ``main_cf``/``master_cf``: file paths or their text. ``version``: the Postfix
+    ``main_cf``/``master_cf``: file paths (``Path``, or a ``str`` naming a file) or their text. ``version``: the Postfix
     version (default: the installed one; 3.7 if none is installed).
     """
-    main_text = Path(main_cf).read_text() if isinstance(main_cf, Path) else main_cf
-    master_text = Path(master_cf).read_text() if isinstance(master_cf, Path) else master_cf
+    main_text, master_text = _text_of(main_cf), _text_of(master_cf)
     version = version or installed_version() or (3, 7, 0)
     main = parse_main_cf(main_text)
     services = parse_master_cf(master_text)
