@@ -300,8 +300,9 @@ def submission_leaks(
 ) -> list[str]:
     """Warnings (empty when fine) about submission services that would leak the client IP.
 
-    ``main_cf``/``master_cf``: file paths (``Path``, or a ``str`` naming a file) or their text. ``version``: the Postfix
-    version (default: the installed one; 3.7 if none is installed).
+    ``main_cf``/``master_cf``: file paths (``Path``, or a ``str`` naming a file) or
+    their text. ``version``: the Postfix version (default: the installed one; 3.7 if
+    none is installed).
     """
     main_text, master_text = _text_of(main_cf), _text_of(master_cf)
     version = version or installed_version() or (3, 7, 0)
