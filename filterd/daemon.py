@@ -77,7 +77,7 @@ class Daemon:
             threading.Thread(target=_chmod_socket, args=(address.path, mode), daemon=True).start()
         else:
             threading.Thread(target=_set_nodelay, args=(address.port,), daemon=True).start()
-        Milter.set_flags(Milter.ADDHDRS)
+        Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS)  # CHGHDRS: outbound header stripping
         log.info("milter listening", extra={"socket": settings.milter.socket})
         try:
             Milter.runmilter("filterd", settings.milter.socket, settings.milter.timeout)

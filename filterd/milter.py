@@ -108,6 +108,10 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
         # Connection-level facts (client, HELO); MAIL FROM starts a Transaction with them.
         self.envelope = Envelope()
         self.tx: Transaction | None = None
+        # The connecting client as Postfix told us; kept out of the Envelope of
+        # authenticated submissions, used only to strip it from outbound headers.
+        self.client_ip: str | None = None
+        self.client_name: str | None = None
 
     # -- replies -----------------------------------------------------------
     def _reply(self, reply: SmtpReply) -> None:
@@ -132,7 +136,12 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
                 ip = str(ipaddress.ip_address(str(hostaddr[0]).split("%")[0]))
             except ValueError:
                 ip = None
-        self.envelope = Envelope(client_ip=ip, client_name=hostname or None)
+        self.client_ip, self.client_name = ip, hostname or None
+        self.envelope = Envelope(
+            client_ip=ip,
+            client_name=hostname or None,
+            daemon_name=self.getsymval("{daemon_name}") or None,
+        )
         return Milter.CONTINUE
 
     @Milter.noreply
@@ -146,7 +155,13 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
     def envfrom(self, mailfrom: str, *params: str) -> int:
         self._end_transaction()
         auth = self.getsymval("{auth_authen}")
-        envelope = replace(self.envelope, mail_from=_clean_addr(mailfrom), auth_user=auth or None)
+        envelope = replace(
+            self.envelope,
+            client_ip=self.client_ip,
+            client_name=self.client_name,
+            mail_from=_clean_addr(mailfrom),
+            auth_user=auth or None,
+        )
         self.holder.track(+1)
         self.tx = Transaction(self.runtime, envelope, spool=True)
         return Milter.CONTINUE
@@ -211,6 +226,12 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
         message = tx.spooled_message(self.getsymval("i") or None)
         decision = tx.judge(message)
         self._apply(decision)
+        if decision.action is Action.ACCEPT:
+            outbound = self.runtime.outbound
+            for name, index in outbound.headers_to_remove(
+                message, self.client_ip, self.client_name
+            ):
+                self.chgheader(name, index, None)
         records_start = time.monotonic()
         self.runtime.notify_message(message, decision)
         records_ms = (time.monotonic() - records_start) * 1000

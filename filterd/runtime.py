@@ -19,6 +19,8 @@ from filterd.checks.base import Services
 from filterd.clients.redis import connect
 from filterd.dns.engine import build_resolver
 from filterd.dns.resolver import DnsblResolver
+from filterd.outbound import build_outbound
+from filterd.outbound.pipeline import OutboundPipeline
 from filterd.pipeline import Pipeline, build_checks
 from filterd.settings import Settings
 from filterd.types import Decision, Envelope, Message, RecipientDecision
@@ -64,7 +66,11 @@ class Runtime:
             raise
         try:
             self.pipeline = Pipeline(settings, checks)
-            self.observers: Sequence[Observer] = _observers(settings, client)
+            self.outbound = build_outbound(settings, self.services, checks)
+            self.observers: Sequence[Observer] = [
+                *_observers(settings, client),
+                *self.outbound.observers,
+            ]
         except BaseException:
             for check in checks.values():
                 check.close()
@@ -94,7 +100,14 @@ class Runtime:
         if close_now:
             self._close()
 
+    def pipeline_for(self, envelope: Envelope) -> Pipeline | OutboundPipeline:
+        """The outbound pipeline for outbound envelopes (see filterd.outbound)."""
+        if envelope.direction == "outbound" and self.outbound.pipeline is not None:
+            return self.outbound.pipeline
+        return self.pipeline
+
     def _close(self) -> None:
+        self.outbound.close()
         self.pipeline.close()
         self._close_services()
 

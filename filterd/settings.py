@@ -2,9 +2,10 @@
 
 Each section is a frozen pydantic model. Core sections are declared here;
 each check module under ``filterd.checks`` declares its own section (``SECTION``
-and ``Config``), and other owners register theirs in ``_EXTRA_SECTION_MODULES``,
-so adding a check means one new module plus configuration. Validation errors
-always name the file, the section and the key.
+and ``Config``), listed in ``filterd.checks.REGISTRY``; the few non-check owners
+(dns, records, outbound) are named in ``section_models``. Adding a check means
+one new module plus configuration. Validation errors always name the file, the
+section and the key.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ _CORE_SECTIONS: dict[str, type[Section]] = {
 
 
 def section_models() -> dict[str, type[Section]]:
-    """Every known section: core, each registered check, the records section.
+    """Every known section: core, each registered check, dns, records, outbound.
 
     Imported here, not at the top: the check modules build on this module's
     ``Section``, and the registry (``filterd.checks.REGISTRY``) is where their
@@ -114,6 +115,7 @@ def section_models() -> dict[str, type[Section]]:
     """
     from filterd.checks import REGISTRY
     from filterd.dns import config as dns_config
+    from filterd.outbound import config as outbound_config
     from filterd.records import config as records_config
 
     models: dict[str, type[Section]] = dict(_CORE_SECTIONS)
@@ -121,6 +123,7 @@ def section_models() -> dict[str, type[Section]]:
         models[module.SECTION] = module.Config
     models[dns_config.SECTION] = dns_config.Config
     models[records_config.SECTION] = records_config.Config
+    models[outbound_config.SECTION] = outbound_config.Config
     return models
 
 

@@ -21,12 +21,15 @@ from filterd.types import Action, Decision, Envelope, Finding, Message, Recipien
 class Transaction:
     def __init__(self, runtime: Runtime, envelope: Envelope, spool: bool = False) -> None:
         self.runtime = runtime
-        self.envelope = envelope
+        # Direction is settled once, at MAIL FROM: an authenticated submission
+        # loses its client IP here, before any check or record sees it.
+        self.envelope = runtime.outbound.prepare(envelope)
+        self.pipeline = runtime.pipeline_for(self.envelope)
         self.accepted: list[RecipientDecision] = []
         self.refused: list[RecipientDecision] = []
         # Only a streaming front end (the milter) spools a body.
         self.builder: MessageBuilder | None = (
-            MessageBuilder(runtime.settings.milter, envelope) if spool else None
+            MessageBuilder(runtime.settings.milter, self.envelope) if spool else None
         )
 
     @property
@@ -35,9 +38,7 @@ class Transaction:
         return self.accepted[0].policy_class if self.accepted else None
 
     def add_recipient(self, recipient: str) -> RecipientDecision:
-        decision = self.runtime.pipeline.judge_recipient(
-            self.envelope, recipient, self.policy_class
-        )
+        decision = self.pipeline.judge_recipient(self.envelope, recipient, self.policy_class)
         (self.accepted if decision.action is Action.ACCEPT else self.refused).append(decision)
         return decision
 
@@ -68,7 +69,7 @@ class Transaction:
 
     def judge(self, message: Message) -> Decision:
         """The content decision for the accepted recipients."""
-        return self.runtime.pipeline.judge_message(message, self.rcpt_findings)
+        return self.pipeline.judge_message(message, self.rcpt_findings)
 
     def close(self) -> None:
         if self.builder is not None:

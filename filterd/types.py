@@ -114,6 +114,10 @@ class Envelope:
     recipients: tuple[str, ...] = ()
     auth_user: str | None = None
     queue_id: str | None = None
+    # Postfix's {daemon_name} (milter_macro_daemon_name of the service), and the
+    # direction filterd.outbound.direction derived: "inbound" or "outbound".
+    daemon_name: str | None = None
+    direction: str = "inbound"
 
     @property
     def sender_domain(self) -> str | None:
