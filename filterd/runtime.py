@@ -13,11 +13,9 @@ import threading
 from collections.abc import Sequence
 from typing import Protocol
 
-import redis
-
 from filterd.checks.base import Services
 from filterd.pipeline import Pipeline, build_checks
-from filterd.redisclient import connect
+from filterd.redisclient import RedisClient, connect
 from filterd.settings import Settings
 from filterd.types import Decision, Envelope, Message, RecipientDecision
 
@@ -32,7 +30,7 @@ class Observer(Protocol):
     def on_message(self, message: Message, decision: Decision) -> None: ...
 
 
-def _observers(settings: Settings, client: redis.Redis | None) -> list[Observer]:
+def _observers(settings: Settings, client: RedisClient | None) -> list[Observer]:
     if "records" not in settings.sections or client is None:
         return []
     from filterd.records.observer import build_observer

@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 from filterd.types import Envelope, Finding, Message
 
 if TYPE_CHECKING:
-    import redis
-
+    from filterd.redisclient import RedisClient
     from filterd.settings import Settings
 
 OnFailure = Literal["tempfail", "accept"]
@@ -35,7 +34,7 @@ class Services:
     """Clients shared by several checks, built once per configuration load."""
 
     settings: Settings
-    redis: redis.Redis | None = None
+    redis: RedisClient | None = None
 
 
 @runtime_checkable
