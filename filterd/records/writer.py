@@ -143,7 +143,7 @@ class Batch:
         if not keys.normalise_mailbox(mailbox):
             return
         name = keys.index_key(self.mailbox_token(mailbox))
-        self._pipe.eval(keys.WRITE_WITH_EXPIRY, 1, name, self._ttl(kind), "SADD", record_id)
+        self._write_with_expiry(name, self._ttl(kind), "SADD", record_id)
         self.size += 1
 
     def count(self, day: str, action: str, reason_code: str, n: int = 1) -> None:
@@ -154,8 +154,13 @@ class Batch:
         )
         name = keys.stats_key(values["day"])
         field = keys.stats_field(values["action"], values["reason_code"])
-        self._pipe.eval(keys.WRITE_WITH_EXPIRY, 1, name, self._ttl(kind), "HINCRBY", field, n)
+        self._write_with_expiry(name, self._ttl(kind), "HINCRBY", field, n)
         self.size += 1
+
+    def _write_with_expiry(self, name: str, ttl: int, *command: Any) -> None:
+        # execute_command, not .eval(): redis-py's cluster pipeline disables .eval()
+        # but routes a queued EVAL by its key like any other command.
+        self._pipe.execute_command("EVAL", keys.WRITE_WITH_EXPIRY, 1, name, ttl, *command)
 
     def execute(self) -> None:
         if self.size:
