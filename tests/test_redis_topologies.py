@@ -484,3 +484,309 @@ def test_a_multi_key_transaction_is_only_used_where_the_topology_allows(
             raw.set(key, "{}", ex=60)
         with pytest.raises((redis.RedisError, RedisClusterException), match=r"(?i)slot"):
             raw.execute()
+
+
+# --------------------------------------------------------------------------------------------
+# Sentinel: two nodes, one master, one replica, three sentinels; the master is SIGKILLed
+
+SENDER = "friend@example.net"
+LISTED, UNLISTED = "alice@example.org", "bob@example.org"
+API_SECRET = "sentinel-test-secret-0123456789"
+SPAM_BODY = "Best offer: http://www.evil.example/buy\n"
+CLEAN_BODY = "See you at lunch.\n"
+DBL_ZONES = [("dbl.test", "dnset", ":127.0.1.2:DBL\nevil.example\ndbltest.com\n")]
+# What each kind of message is: (recipient, body). Only "spam-unlisted" must never arrive.
+KINDS = {
+    "clean": (UNLISTED, CLEAN_BODY),
+    "spam-listed": (LISTED, SPAM_BODY),
+    "spam-unlisted": (UNLISTED, SPAM_BODY),
+}
+
+
+def _mail(tag: str, body: str) -> bytes:
+    return (
+        f"From: Friend <{SENDER}>\nTo: <undisclosed@example.org>\nSubject: hello\n"
+        f"Message-ID: <sentinel-{tag}@example.net>\n\n{body}"
+    ).encode()
+
+
+@dataclass
+class Sent:
+    node: str
+    tag: str
+    kind: str
+    started: float
+    seconds: float
+    code: int  # the final reply: 250 after the dot, else the first refusal
+    text: str
+
+
+def _send(node: str, postfix: Any, tag: str, rcpt: str, body: str, kind: str = "") -> Sent:
+    """One SMTP session with one recipient; its final reply, whatever it is."""
+    from filterd.devservers import send_mail
+
+    t0 = time.monotonic()
+    result = send_mail(postfix.port, SENDER, [rcpt], _mail(tag, body), timeout=60)
+    seconds = time.monotonic() - t0
+    reply = result.mail
+    if reply is not None and reply.code < 300:
+        reply = result.rcpts.get(rcpt)
+        if reply is not None and reply.code < 300:
+            reply = result.data
+    if reply is None:
+        raise AssertionError(f"{tag}: the session ended without a final reply: {result}")
+    return Sent(node, tag, kind, t0, seconds, reply.code, reply.text)
+
+
+def _delivered_tags(sink: Any) -> set[str]:
+    tags = set()
+    for m in sink.deliveries():
+        found = re.search(rb"Message-ID: <sentinel-([^@>]+)@", m.data)
+        if found:
+            tags.add(found.group(1).decode())
+    return tags
+
+
+def _wait_delivered(sink: Any, tags: set[str], timeout: float = 30.0) -> set[str]:
+    """The tags still missing at the sink after waiting for them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = tags - _delivered_tags(sink)
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def sentinel_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Sentinel group + rbldnsd + sink; nodes A and B (daemon + Postfix); A's HTTP API.
+
+    The API runs as its own process (`filterd allow api`), like a customer panel's
+    backend on node A; both daemons and the API read [redis] url = redis+sentinel://.
+    """
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    from filterd.devservers import PostfixServer, RbldnsdServer, SmtpSink, free_port
+    from tests.helpers_daemon import ROOT, DaemonProcess, write_config
+    from tests.redis_topology import SentinelGroup
+
+    base = make_reachable(tmp_path_factory.mktemp("sentinel-e2e"))
+    site = base / "site.txt"
+    site.write_text("# empty\n")
+    with (
+        SentinelGroup(base / "redis", down_after_ms=1000) as group,
+        RbldnsdServer(base / "rbldnsd", DBL_ZONES) as rbl,
+        SmtpSink(base / "sink") as sink,
+    ):
+        cfg = write_config(
+            base / "filterd.toml",
+            {
+                "daemon": {"state_dir": str(base / "state"), "log_level": "info"},
+                "redis": {"url": group.url, "socket_timeout": 1.0},
+                "pipeline": {
+                    "recipient_checks": ["allowlist"],
+                    "message_checks": ["allowlist", "uribl"],
+                },
+                "allowlist": {"site_files": [str(site)]},
+                "uribl": {
+                    "nameservers": rbl.nameserver,
+                    "lists": [
+                        {
+                            "id": "DBL",
+                            "zone": "dbl.test",
+                            "type": "domain",
+                            "test_entry": "dbltest.com",
+                            "rules": [{"name": "SPAM", "match": "127.0.1.2", "weight": 10}],
+                        }
+                    ],
+                },
+            },
+        )
+        api_port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FILTERD_")}
+        env["FILTERD_ALLOWLIST_API_SECRET"] = API_SECRET
+        api_log = (base / "api.log").open("wb")
+        api = subprocess.Popen(
+            [sys.executable, "-m", "filterd", "allow", "api", "--config", str(cfg),
+             "--listen", f"127.0.0.1:{api_port}"],
+            cwd=ROOT, env=env, stdout=api_log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{api_port}/v1/health", timeout=1)
+                    break
+                except OSError:
+                    assert api.poll() is None, (base / "api.log").read_text()
+                    assert time.monotonic() < deadline, "the allowlist API did not answer"
+                    time.sleep(0.05)
+            with (
+                DaemonProcess(base / "nodeA", cfg) as daemon_a,
+                DaemonProcess(base / "nodeB", cfg) as daemon_b,
+                PostfixServer(
+                    base / "postfixA", sink.port, milter=daemon_a.milter_for_postfix,
+                    milter_default_action="reject",
+                ) as postfix_a,
+                PostfixServer(
+                    base / "postfixB", sink.port, milter=daemon_b.milter_for_postfix,
+                    milter_default_action="reject",
+                ) as postfix_b,
+            ):  # fmt: skip
+                yield {
+                    "group": group,
+                    "sink": sink,
+                    "api": f"http://127.0.0.1:{api_port}",
+                    "A": postfix_a,
+                    "B": postfix_b,
+                }
+        finally:
+            api.terminate()
+            api.wait(10)
+            api_log.close()
+
+
+def _api(nodes: dict[str, Any], method: str, mailbox: str, entries: list[str] | None = None) -> Any:
+    """One request to node A's allowlist API with the mailbox's own token."""
+    import urllib.request
+
+    from filterd.allowlist.api import make_token
+
+    path = f"/v1/allowlists/{mailbox}" + ("/entries" if entries is not None else "")
+    data = json.dumps({"entries": entries}).encode() if entries is not None else None
+    request = urllib.request.Request(
+        nodes["api"] + path,
+        data=data,
+        method=method,
+        headers={
+            "Authorization": f"Bearer {make_token(API_SECRET.encode(), mailbox)}",
+            "Content-Type": "application/json",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.e2e
+def test_an_edit_through_node_a_api_is_honoured_by_node_b(sentinel_nodes: dict[str, Any]) -> None:
+    info = describe_topology(connect(settings(), sentinel_nodes["group"].url))
+    assert info["mode"] == "sentinel" and info["replicas"] == 1 and len(info["sentinels"]) == 3
+    erin = "erin@example.org"
+    before = _send("B", sentinel_nodes["B"], "edit-1", erin, SPAM_BODY)
+    assert before.code == 554 and "dbl.test" in before.text, before
+    assert _api(sentinel_nodes, "POST", erin, [SENDER])["count"] == 1
+    after = _send("B", sentinel_nodes["B"], "edit-2", erin, SPAM_BODY)
+    assert after.code == 250, after
+    assert _wait_delivered(sentinel_nodes["sink"], {"edit-2"}) == set()
+
+
+@pytest.mark.e2e
+def test_master_killed_under_traffic_nothing_lost_and_both_nodes_recover(
+    sentinel_nodes: dict[str, Any],
+) -> None:
+    import itertools
+    import threading
+
+    group = sentinel_nodes["group"]
+    sink = sentinel_nodes["sink"]
+    assert _api(sentinel_nodes, "POST", LISTED, [SENDER])["count"] >= 1
+    results: list[Sent] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    promoted_at: list[float] = []
+    recovered: dict[str, float] = {}
+
+    def traffic(node: str) -> None:
+        kinds = itertools.cycle(KINDS)
+        try:
+            for i in itertools.count():
+                if stop.is_set():
+                    return
+                kind = next(kinds)
+                rcpt, body = KINDS[kind]
+                sent = _send(node, sentinel_nodes[node], f"{node}-{i}", rcpt, body, kind)
+                with lock:
+                    results.append(sent)
+                    if (
+                        promoted_at
+                        and sent.kind == "spam-listed"
+                        and sent.code == 250
+                        and sent.started >= promoted_at[0]
+                        and node not in recovered
+                    ):
+                        recovered[node] = sent.started + sent.seconds - promoted_at[0]
+                # Paced like a busy MX (about 20 sessions/s per node), not a CPU burner:
+                # a refused session takes milliseconds.
+                stop.wait(0.05)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=traffic, args=(n,), daemon=True) for n in "AB"]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while sum(r.code == 250 for r in results) < 6:  # both nodes in steady state
+            assert time.monotonic() < deadline and not errors, (errors, results)
+            time.sleep(0.05)
+        killed_at = time.monotonic()
+        group.kill_master()
+        group.wait_promoted(timeout=30)
+        with lock:
+            promoted_at.append(time.monotonic())
+        deadline = promoted_at[0] + 30
+        while len(recovered) < 2 and time.monotonic() < deadline and not errors:
+            time.sleep(0.05)
+        # A little more traffic on the new master, then stop.
+        settle = time.monotonic() + 1.0
+        while time.monotonic() < settle and not errors:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(90)
+    assert not errors, errors
+    assert set(recovered) == {"A", "B"}, f"a node did not accept mail again: {recovered}"
+
+    # Every message ended delivered or with a 4xx/5xx reply: count them.
+    accepted = {r.tag for r in results if r.code == 250}
+    tempfailed = [r for r in results if 400 <= r.code < 500]
+    refused = [r for r in results if r.code >= 500]
+    assert len(accepted) + len(tempfailed) + len(refused) == len(results)
+    lost = _wait_delivered(sink, accepted)
+    assert lost == set(), f"accepted but never delivered: {sorted(lost)}"
+    # Never a wrong accept: spam for the recipient without a list never got through ...
+    wrong = [r for r in results if r.kind == "spam-unlisted" and r.code == 250]
+    assert wrong == []
+    # ... and the only refusals are the blocklist's, the only deferrals filterd's fail-closed.
+    assert all(r.kind == "spam-unlisted" and "dbl.test" in r.text for r in refused), refused
+    assert all(r.code == 451 and "4.7.1" in r.text for r in tempfailed), tempfailed
+    during = [r for r in tempfailed if killed_at <= r.started <= promoted_at[0]]
+    assert during, "no message met the failover: the test proved nothing"
+    assert max(r.seconds for r in results) < 10, "a session took longer than the RCPT budget"
+
+    # After the promotion the lists are intact on both nodes, and edits work again.
+    for node in "AB":
+        assert _send(node, sentinel_nodes[node], f"{node}-after", LISTED, SPAM_BODY).code == 250
+        late = _send(node, sentinel_nodes[node], f"{node}-after-x", UNLISTED, SPAM_BODY)
+        assert late.code == 554, late
+    assert _api(sentinel_nodes, "GET", LISTED)["entries"] == [SENDER]
+    assert _api(sentinel_nodes, "POST", "carol@example.org", [SENDER])["count"] == 1
+    assert _send("B", sentinel_nodes["B"], "carol", "carol@example.org", SPAM_BODY).code == 250
+    assert _wait_delivered(sink, {"A-after", "B-after", "carol"}) == set()
+
+    figures = {
+        "messages": len(results),
+        "accepted": len(accepted),
+        "tempfailed_451": len(tempfailed),
+        "refused_5xx": len(refused),
+        "lost": len(lost),
+        "promotion_seconds": round(group.promotion_seconds or 0, 2),
+        "recovery_after_promotion_seconds": {n: round(s, 2) for n, s in recovered.items()},
+        "longest_session_seconds": round(max(r.seconds for r in results), 2),
+    }
+    print("sentinel failover figures:", json.dumps(figures))
