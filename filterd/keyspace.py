@@ -72,18 +72,15 @@ KINDS: dict[str, str] = {
     "ratelimit_key": "rate-limit",
 }
 
-# KEYS[1] the key; ARGV[1] its TTL in seconds; ARGV[2] the command (SADD or HINCRBY);
-# ARGV[3..] that command's arguments. The write and its expiry are one atomic step on
-# one key, so no replica, failover or cut connection can leave the key without a TTL.
-WRITE_WITH_EXPIRY = """
-local ttl = tonumber(ARGV[1])
-local cmd = string.upper(ARGV[2])
-if cmd ~= 'SADD' and cmd ~= 'HINCRBY' then
-  return redis.error_reply('WRITE_WITH_EXPIRY: command not allowed: ' .. cmd)
-end
-local result = redis.call(cmd, KEYS[1], unpack(ARGV, 3))
-redis.call('EXPIRE', KEYS[1], ttl)
-return result
+# KEYS[1] the key; ARGV[1] its TTL in seconds; ARGV[2] the write command (the records
+# writer sends SADD or HINCRBY); ARGV[3..] its arguments. The write and its expiry are
+# one atomic step on one key, so no replica, failover or cut connection can leave the
+# key without a TTL. Kept short: its text travels with every call (EVAL, not EVALSHA,
+# so a freshly promoted master with an empty script cache needs no NOSCRIPT retry).
+WRITE_WITH_EXPIRY = """\
+local r = redis.call(ARGV[2], KEYS[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return r
 """
 
 

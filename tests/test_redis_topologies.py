@@ -790,3 +790,41 @@ def test_master_killed_under_traffic_nothing_lost_and_both_nodes_recover(
         "longest_session_seconds": round(max(r.seconds for r in results), 2),
     }
     print("sentinel failover figures:", json.dumps(figures))
+
+
+def _calls(url: str) -> dict[str, int]:
+    """Commands each server has run, summed over every primary (INFO commandstats)."""
+    ports = [int(p) for p in re.findall(r":(\d+)", url)]
+    total: dict[str, int] = {}
+    for port in ports:
+        server = redis.Redis("127.0.0.1", port)
+        for name, value in server.info("commandstats").items():
+            command = name.removeprefix("cmdstat_")
+            total[command] = total.get(command, 0) + int(value["calls"])
+        server.close()
+    return total
+
+
+def test_a_records_write_sends_only_its_own_commands(topology: Topology) -> None:
+    """One message's records: one SET, one EVAL per index set and counter, nothing else.
+
+    On Cluster this guards the policy resolver in filterd.redisclient: without it
+    redis-py asks ``COMMAND GETKEYS`` before every EVAL of a pipeline.
+    """
+    client = topology.client()
+    observer = RecordsObserver(RecordWriter(load_schema(), client))
+    observer.on_message(
+        _msg(DAVE, ("warm@example.org",), "<w@x>"), Decision(Action.ACCEPT, None, "OK")
+    )
+    before = _calls(topology.url)
+    observer.on_message(_msg(DAVE, MANY, "<one@x>"), Decision(Action.ACCEPT, None, "OK"))
+    after = _calls(topology.url)
+    assert observer.failures == 0
+    delta = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    for own in ("info", "hello", "client|setinfo"):  # _calls's own connection
+        delta.pop(own, None)
+    expected = {"set": 1, "eval": len(MANY) + 2, "sadd": len(MANY) + 1, "hincrby": 1}
+    expected["expire"] = expected["sadd"] + 1
+    if topology.name == "single":
+        expected.update({"multi": 1, "exec": 1})
+    assert delta == expected
