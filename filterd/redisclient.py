@@ -205,7 +205,8 @@ class _Cluster(RedisCluster):
     """
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
-        pipe = super().pipeline(transaction=transaction, shard_hint=shard_hint)
+        base: Any = super().pipeline  # untyped in redis-py
+        pipe = base(transaction=transaction, shard_hint=shard_hint)
         pipe._policy_resolver = self._policy_resolver
         return pipe
 
