@@ -43,7 +43,7 @@ from tests.helpers_daemon import DaemonProcess  # noqa: E402
 from tests.redis_topology import RedisClusterGroup  # noqa: E402
 
 SENDER = "sender@example.net"
-_OWN = {"info", "dbsize", "flushall", "config|resetstat", "config"}
+_OWN = {"info", "dbsize", "flushall", "scan", "memory|usage", "hello", "client|setinfo"}
 
 
 def _clients(ports: list[int]) -> list[redis.Redis]:
@@ -51,16 +51,21 @@ def _clients(ports: list[int]) -> list[redis.Redis]:
 
 
 def _snapshot(clients: list[redis.Redis]) -> dict[str, Any]:
-    out: dict[str, Any] = {"in": 0, "out": 0, "keys": 0, "memory": 0, "commands": {}}
+    out: dict[str, Any] = {
+        "in": 0, "out": 0, "keys": 0, "memory": 0, "stored": 0, "commands": {}, "usec": {}
+    }  # fmt: skip
     for c in clients:
         stats = c.info("stats")
         out["in"] += int(stats["total_net_input_bytes"])
         out["out"] += int(stats["total_net_output_bytes"])
         out["keys"] += int(c.dbsize())
         out["memory"] += int(c.info("memory")["used_memory"])
+        # What the keys themselves take (MEMORY USAGE), without allocator/buffer noise.
+        out["stored"] += sum(int(c.memory_usage(k) or 0) for k in c.scan_iter(count=1000))
         for name, value in c.info("commandstats").items():
             cmd = name.removeprefix("cmdstat_")
             out["commands"][cmd] = out["commands"].get(cmd, 0) + int(value["calls"])
+            out["usec"][cmd] = out["usec"].get(cmd, 0) + int(value["usec"])
     return out
 
 
@@ -113,6 +118,11 @@ def run(topology: str, url: str, ports: list[int], base: Path, n: int) -> dict[s
                 if k not in _OWN
             }
             calls = {k: v for k, v in calls.items() if v}
+            usec = sum(
+                after["usec"].get(k, 0) - before["usec"].get(k, 0)
+                for k in after["usec"]
+                if k not in _OWN
+            )
             per = {k: round(v / n, 2) for k, v in sorted(calls.items())}
             lookups = calls.get("smismember", 0) / 2
             records = calls.get("exec", 0) if topology == "single" else None
@@ -127,7 +137,9 @@ def run(topology: str, url: str, ports: list[int], base: Path, n: int) -> dict[s
                 "bytes_to_redis_per_message": round((after["in"] - before["in"]) / n),
                 "bytes_from_redis_per_message": round((after["out"] - before["out"]) / n),
                 "keys_created_per_message": round((after["keys"] - before["keys"]) / n, 2),
-                "memory_bytes_per_message": round((after["memory"] - before["memory"]) / n),
+                "used_memory_bytes_per_message": round((after["memory"] - before["memory"]) / n),
+                "stored_bytes_per_message": round((after["stored"] - before["stored"]) / n),
+                "redis_cpu_usec_per_message": round(usec / n, 1),
                 "messages_per_second": round(n / seconds, 1),
             }
     for c in clients:
