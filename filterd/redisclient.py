@@ -195,6 +195,23 @@ class _ScriptsAreKeyed(BasePolicyResolver):
         return _ScriptsAreKeyed(fallback)
 
 
+class _SentinelMaster(redis.Redis):
+    """The master client of one Sentinel set-up; closing it closes its sentinels too.
+
+    Each configuration load (SIGHUP) builds a new client and closes the old one;
+    without this the old client's connections to the sentinels would stay open
+    until garbage collection.
+    """
+
+    def close(self) -> None:
+        super().close()
+        pool = self.connection_pool
+        pool.disconnect()
+        manager = getattr(pool, "sentinel_manager", None)
+        if manager is not None:
+            manager.close()
+
+
 class _Cluster(RedisCluster):
     """RedisCluster whose pipelines use the client's policy resolver.
 
@@ -237,7 +254,12 @@ def connect(settings: Settings, url: str) -> RedisClient:
             sentinel_kwargs={"socket_timeout": quick, "socket_connect_timeout": quick},
         )
         client: redis.Redis = sentinel.master_for(
-            endpoint.master, db=endpoint.db, health_check_interval=30, **auth, **common
+            endpoint.master,
+            redis_class=_SentinelMaster,
+            db=endpoint.db,
+            health_check_interval=30,
+            **auth,
+            **common,
         )
         return client
     return _Cluster(

@@ -828,3 +828,30 @@ def test_a_records_write_sends_only_its_own_commands(topology: Topology) -> None
     if topology.name == "single":
         expected.update({"multi": 1, "exec": 1})
     assert delta == expected
+
+
+def _connected_clients(port: int) -> int:
+    probe = redis.Redis("127.0.0.1", port)
+    try:
+        return int(probe.info("clients")["connected_clients"]) - 1  # minus the probe
+    finally:
+        probe.close()
+
+
+@pytest.mark.e2e
+def test_closing_a_sentinel_client_closes_its_sentinel_connections(
+    sentinel_nodes: dict[str, Any],
+) -> None:
+    """A SIGHUP reload replaces the client: the old one must not keep sentinel sockets."""
+    group = sentinel_nodes["group"]
+    ports = [s.port for s in group.sentinels]
+    before = sum(_connected_clients(p) for p in ports)
+    client = connect(settings(), group.url)
+    client.ping()
+    during = sum(_connected_clients(p) for p in ports)
+    client.close()
+    deadline = time.monotonic() + 5
+    while sum(_connected_clients(p) for p in ports) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert during > before
+    assert sum(_connected_clients(p) for p in ports) == before
