@@ -855,3 +855,54 @@ def test_closing_a_sentinel_client_closes_its_sentinel_connections(
         time.sleep(0.05)
     assert during > before
     assert sum(_connected_clients(p) for p in ports) == before
+
+
+def test_a_master_without_its_replica_refuses_edits_and_the_api_says_retry(
+    single_redis: RedisServer,
+) -> None:
+    """docs/deployment.md recommends min-replicas-to-write: an edit no replica has is
+    refused (the panel retries) rather than acknowledged and lost in a failover."""
+    import http.client
+    import threading
+
+    from filterd.allowlist.api import AllowlistApi, make_server, make_token
+
+    secret = b"0123456789abcdef-test-secret"
+    admin = redis.Redis.from_url(single_redis.url)
+    admin.flushall()
+    config = AllowConfig()
+    server = make_server(
+        AllowlistApi(AllowlistStore(connect(settings(), single_redis.url), config), config, secret),
+        "127.0.0.1:0",
+    )
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+
+    def post() -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=5)
+        conn.request(
+            "POST",
+            "/v1/allowlists/alice%40example.org/entries",
+            body=json.dumps({"entries": [SENDER]}).encode(),
+            headers={
+                "Authorization": f"Bearer {make_token(secret, ALICE)}",
+                "Content-Type": "application/json",
+            },
+        )
+        status = conn.getresponse().status
+        conn.close()
+        return status
+
+    try:
+        admin.config_set("min-replicas-to-write", 1)  # this Redis has no replica
+        assert post() == 503
+        assert list(admin.scan_iter()) == []
+        admin.config_set("min-replicas-to-write", 0)
+        assert post() == 200
+        assert admin.smembers(keyspace.allow_mailbox_key(ALICE)) == {SENDER.encode()}
+    finally:
+        admin.config_set("min-replicas-to-write", 0)
+        admin.flushall()
+        admin.close()
+        server.shutdown()
+        server.server_close()
