@@ -45,6 +45,7 @@ from redis._parsers.commands import CommandPolicies, RequestPolicy, ResponsePoli
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.policies import BasePolicyResolver, PolicyResolver, StaticPolicyResolver
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -262,13 +263,18 @@ def connect(settings: Settings, url: str) -> RedisClient:
             **common,
         )
         return client
-    return _Cluster(
-        startup_nodes=[node_cls(host, port) for host, port in endpoint.nodes],
-        require_full_coverage=True,
-        policy_resolver=StaticPolicyResolver(fallback=_ScriptsAreKeyed()),
-        **auth,
-        **common,
-    )
+    try:
+        # Unlike the other clients, RedisCluster reads the slot map at construction.
+        return _Cluster(
+            startup_nodes=[node_cls(host, port) for host, port in endpoint.nodes],
+            require_full_coverage=True,
+            policy_resolver=StaticPolicyResolver(fallback=_ScriptsAreKeyed()),
+            **auth,
+            **common,
+        )
+    except RedisClusterException as exc:
+        # A RedisError like every other connection failure, so callers need one except.
+        raise redis.ConnectionError(f"{redacted_url(url)}: {exc}") from None
 
 
 def connect_for_tools(settings: Settings, url: str | None = None) -> RedisClient:
@@ -286,6 +292,8 @@ def connect_for_tools(settings: Settings, url: str | None = None) -> RedisClient
     try:
         return connect(settings, url)
     except RedisUrlError as exc:
+        raise RedisNotConfigured(str(exc)) from None
+    except redis.ConnectionError as exc:  # a cluster that cannot be reached at all
         raise RedisNotConfigured(str(exc)) from None
 
 

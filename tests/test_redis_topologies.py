@@ -126,6 +126,23 @@ def test_a_bad_url_is_refused_at_configuration_load() -> None:
         load_settings(env={"FILTERD_REDIS_URL": "memcached://127.0.0.1:1"})
 
 
+def test_an_unreachable_cluster_is_a_connection_error_and_a_clear_cli_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from filterd.devservers import free_port
+
+    url = f"redis+cluster://127.0.0.1:{free_port()}"
+    with pytest.raises(redis.ConnectionError, match="cannot be connected"):
+        connect(settings(), url)
+    monkeypatch.setenv("FILTERD_PIPELINE_RECIPIENT_CHECKS", "[]")
+    monkeypatch.setenv("FILTERD_PIPELINE_MESSAGE_CHECKS", "[]")
+    result = CliRunner().invoke(allow, ["--redis-url", url, "list", ALICE])
+    assert result.exit_code == 1 and "error: redis+cluster://" in result.output, result.output
+    result = CliRunner().invoke(stats, ["--redis-url", url])
+    assert result.exit_code == 1 and "redis+cluster://" in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
 # --------------------------------------------------------------------------------------------
 # keyspace
 
