@@ -923,3 +923,69 @@ def test_a_master_without_its_replica_refuses_edits_and_the_api_says_retry(
         admin.close()
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.e2e
+def test_the_daemon_on_a_cluster_filters_honours_lists_and_records(
+    redis_cluster: RedisClusterGroup, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`filterd serve` with redis+cluster://: the allowlist decides, records land on the shards."""
+    from filterd.devservers import PostfixServer, RbldnsdServer, SmtpSink
+    from tests.helpers_daemon import DaemonProcess, write_config
+
+    redis_cluster.flush()
+    base = make_reachable(tmp_path_factory.mktemp("cluster-e2e"))
+    client = connect(settings(), redis_cluster.url)
+    store = AllowlistStore(client, AllowConfig())
+    store.add(parse_target(LISTED, store.config), [parse_entry(SENDER, store.config)])
+    with (
+        RbldnsdServer(base / "rbldnsd", DBL_ZONES) as rbl,
+        SmtpSink(base / "sink") as sink,
+    ):
+        cfg = write_config(
+            base / "filterd.toml",
+            {
+                "daemon": {"state_dir": str(base / "state")},
+                "redis": {"url": redis_cluster.url, "socket_timeout": 1.0},
+                "pipeline": {
+                    "recipient_checks": ["allowlist"],
+                    "message_checks": ["allowlist", "uribl"],
+                },
+                "allowlist": {"site_files": []},
+                "uribl": {
+                    "nameservers": rbl.nameserver,
+                    "lists": [
+                        {
+                            "id": "DBL",
+                            "zone": "dbl.test",
+                            "type": "domain",
+                            "test_entry": "dbltest.com",
+                            "rules": [{"name": "SPAM", "match": "127.0.1.2", "weight": 10}],
+                        }
+                    ],
+                },
+            },
+        )
+        with (
+            DaemonProcess(base / "daemon", cfg) as daemon,
+            PostfixServer(
+                base / "postfix", sink.port, milter=daemon.milter_for_postfix,
+                milter_default_action="reject",
+            ) as postfix,
+        ):  # fmt: skip
+            listed = _send("c", postfix, "cluster-listed", LISTED, SPAM_BODY)
+            unlisted = _send("c", postfix, "cluster-unlisted", UNLISTED, SPAM_BODY)
+            clean = _send("c", postfix, "cluster-clean", UNLISTED, CLEAN_BODY)
+            assert (listed.code, unlisted.code, clean.code) == (250, 554, 250), (
+                listed,
+                unlisted,
+                clean,
+            )
+            assert _wait_delivered(sink, {"cluster-listed", "cluster-clean"}) == set()
+    schema = load_schema()
+    assert len(export_mailbox(client, schema, UNLISTED)["records"]) == 2
+    audit = audit_keys(client, schema)
+    assert audit.ok and audit.keys_by_kind["smtp-log"] == 3, audit
+    today = datetime.now(UTC).date()
+    (day,) = daily_stats(client, schema, since=today, until=today)
+    assert day.categories["accepted"] == 2 and day.categories["blocklist"] == 1
