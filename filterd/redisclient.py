@@ -38,7 +38,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import redis
 from redis._parsers.commands import CommandPolicies, RequestPolicy, ResponsePolicy
@@ -94,6 +94,18 @@ def private_socket(settings: Settings) -> Path:
     return private_state_dir(settings) / "redis.sock"
 
 
+def redacted_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for logs and ``filterd check``."""
+    scheme, sep, rest = url.partition("://")
+    authority = rest.partition("/")[0]
+    if not sep or "@" not in authority:
+        return url
+    userinfo, _, hosts = authority.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:***" if colon else "***"
+    return f"{scheme}://{shown}@{hosts}{rest[len(authority) :]}"
+
+
 def _host_port(text: str, default_port: int, url: str) -> tuple[str, int]:
     """``HOST:PORT``, ``HOST`` or ``[V6]:PORT``."""
     if not text:
@@ -127,15 +139,16 @@ def parse_url(url: str) -> Endpoint:
     ``redis://``, ``rediss://`` and ``unix://`` are left to redis-py's own parser
     (only the scheme is checked here); the two multi-node forms are parsed here.
     """
+    shown = redacted_url(url)
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise RedisUrlError(f"{url!r}: not a URL (expected e.g. redis://127.0.0.1:6379/0)")
+        raise RedisUrlError(f"{shown!r}: not a URL (expected e.g. redis://127.0.0.1:6379/0)")
     scheme = scheme.lower()
     if scheme in ("redis", "rediss", "unix"):
         return Endpoint("single", url)
     if scheme not in (SENTINEL_SCHEME, CLUSTER_SCHEME):
         raise RedisUrlError(
-            f"{url!r}: unknown scheme {scheme!r} (redis, rediss, unix, "
+            f"{shown!r}: unknown scheme {scheme!r} (redis, rediss, unix, "
             f"{SENTINEL_SCHEME}, {CLUSTER_SCHEME})"
         )
     # urlsplit cannot read a comma-separated host list with ports; split by hand.
@@ -148,31 +161,23 @@ def parse_url(url: str) -> Endpoint:
         username = unquote(user) or None
         password = unquote(pw) if colon else None
     default = DEFAULT_SENTINEL_PORT if scheme == SENTINEL_SCHEME else DEFAULT_REDIS_PORT
-    nodes = tuple(_host_port(part.strip(), default, url) for part in authority.split(","))
+    nodes = tuple(_host_port(part.strip(), default, shown) for part in authority.split(","))
     parts = [p for p in path.split("/") if p]
     if scheme == CLUSTER_SCHEME:
         if parts:
-            raise RedisUrlError(f"{url}: a cluster URL has no path (Redis Cluster has only db 0)")
+            raise RedisUrlError(f"{shown}: a cluster URL has no path (Redis Cluster has only db 0)")
         return Endpoint("cluster", url, nodes, username=username, password=password)
     if not parts or len(parts) > 2:
-        raise RedisUrlError(f"{url}: expected {SENTINEL_SCHEME}://HOST:PORT[,...]/MASTER[/DB]")
+        raise RedisUrlError(f"{shown}: expected {SENTINEL_SCHEME}://HOST:PORT[,...]/MASTER[/DB]")
     db = 0
     if len(parts) == 2:
         if not parts[1].isdigit():
-            raise RedisUrlError(f"{url}: the database must be a number, not {parts[1]!r}")
+            raise RedisUrlError(f"{shown}: the database must be a number, not {parts[1]!r}")
         db = int(parts[1])
     return Endpoint(
         "sentinel", url, nodes, master=unquote(parts[0]), db=db, username=username,
         password=password,
     )  # fmt: skip
-
-
-def redacted_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for logs and ``filterd check``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return url.replace(f":{parts.password}@", ":***@", 1)
 
 
 class _ScriptsAreKeyed(BasePolicyResolver):

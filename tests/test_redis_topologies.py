@@ -50,6 +50,7 @@ from filterd.redisclient import (
     is_cluster,
     parse_url,
     pipeline,
+    redacted_url,
 )
 from filterd.settings import ConfigError, Settings, load_settings
 from filterd.types import Action, Decision, Envelope, Message, RecipientDecision, SmtpReply
@@ -119,6 +120,18 @@ def test_urls_are_read(
 def test_bad_urls_say_what_is_wrong(url: str, says: str) -> None:
     with pytest.raises(RedisUrlError, match=says):
         parse_url(url)
+
+
+def test_passwords_never_appear_in_messages() -> None:
+    assert (
+        redacted_url("redis+sentinel://:s3cret@h1:26379,h2:26379/m/0")
+        == "redis+sentinel://:***@h1:26379,h2:26379/m/0"
+    )
+    assert redacted_url("redis://user:s3cret@h:6379/0") == "redis://user:***@h:6379/0"
+    assert redacted_url("redis://h:6379/0") == "redis://h:6379/0"
+    with pytest.raises(RedisUrlError) as caught:
+        parse_url("redis+sentinel://:s3cret@h1:99999/m")
+    assert "s3cret" not in str(caught.value) and "***" in str(caught.value)
 
 
 def test_a_bad_url_is_refused_at_configuration_load() -> None:
