@@ -13,10 +13,8 @@ import threading
 from collections.abc import Sequence
 from typing import Protocol
 
-import redis
-
 from filterd.checks.base import Services
-from filterd.clients.redis import connect
+from filterd.clients.redis import RedisClient, connect
 from filterd.dns.engine import build_resolver
 from filterd.dns.resolver import DnsblResolver
 from filterd.outbound import build_outbound
@@ -36,7 +34,7 @@ class Observer(Protocol):
     def on_message(self, message: Message, decision: Decision) -> None: ...
 
 
-def _observers(settings: Settings, client: redis.Redis | None) -> list[Observer]:
+def _observers(settings: Settings, client: RedisClient | None) -> list[Observer]:
     if "records" not in settings.sections or client is None:
         return []
     from filterd.records.observer import build_observer

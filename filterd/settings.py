@@ -90,6 +90,19 @@ class RedisConfig(Section):
     url: str = ""
     socket_timeout: float = 2.0
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        # redis://, unix://, redis+sentinel://, redis+cluster:// (filterd.clients.redis).
+        from filterd.clients.redis import RedisUrlError, parse_url
+
+        if value:
+            try:
+                parse_url(value)
+            except RedisUrlError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
 
 class DaemonConfig(Section):
     # Where private services (Redis, clamd) keep their files when started by serve.

@@ -13,8 +13,9 @@ import redis
 from click.testing import CliRunner
 from redis.crc import key_slot
 
+from filterd.keyspace import outbound_keys
 from filterd.outbound.config import LIMIT_NAMES
-from filterd.outbound.ratelimit import RateLimiter, outbound_keys
+from filterd.outbound.ratelimit import RateLimiter
 from tests.outbound_servers import RedisCluster3
 from tests.servers import make_reachable
 

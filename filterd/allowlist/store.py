@@ -1,6 +1,7 @@
-"""The allowlists' Redis keyspace: every key is built here, every write is atomic.
+"""The allowlists in Redis: every write is atomic, every read goes to Redis.
 
-Keyspace (version ``v1``; a format change gets a new prefix, never a silent reuse):
+Keys are built by :mod:`filterd.keyspace` (version ``v1``; a format change gets a new
+prefix, never a silent reuse):
 
 ==========================================  ====  ==========================================
 key                                         type  content
@@ -14,6 +15,11 @@ key                                         type  content
 user keeps, not logs, so they carry no TTL and live until the user removes
 them (or ``erase_mailbox`` runs when the account is closed).
 
+Every operation touches one key (one list), so it is the same on a single Redis,
+behind Sentinel and on Redis Cluster: the scripts' KEYS are that one list, and a
+lookup's mailbox and domain lists are read in one non-transactional pipeline
+(redis-py splits it by primary on Cluster).
+
 Reads go straight to Redis on every lookup (no local cache), so an edit made
 through any node is seen by every node on its next lookup. Writes are Lua
 scripts, so the per-list limit holds under concurrent edits from several
@@ -26,29 +32,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from filterd import keyspace
 from filterd.allowlist.entries import Entry, EntryError, Target, canonical_domain, parse_target
 from filterd.allowlist.match import Match, Probe
 
 if TYPE_CHECKING:
-    import redis
-
     from filterd.allowlist.config import Config
+    from filterd.clients.redis import RedisClient
 
-PREFIX = "filterd:v1:allow:"
+PREFIX = keyspace.PREFIX + keyspace.ALLOW
 RETENTION_CLASS = "user-content"
-RETENTION = "user-content: until the user removes it (no TTL)"
-KEYSPACE: dict[str, str] = {
-    f"{PREFIX}mbox:<mailbox>": f"set of canonical entries; retention {RETENTION}",
-    f"{PREFIX}dom:<domain>": f"set of canonical entries; retention {RETENTION}",
-}
-
-
-def mailbox_key(mailbox: str) -> str:
-    return f"{PREFIX}mbox:{mailbox}"
-
-
-def domain_key(domain: str) -> str:
-    return f"{PREFIX}dom:{domain}"
+RETENTION = keyspace.ALLOW_RETENTION
+KEYSPACE: dict[str, str] = keyspace.ALLOW_KEYSPACE
+mailbox_key = keyspace.allow_mailbox_key
+domain_key = keyspace.allow_domain_key
 
 
 def target_key(target: Target) -> str:
@@ -124,7 +121,7 @@ def _distinct(entries: Iterable[Entry | str]) -> list[str]:
 class AllowlistStore:
     """Mailbox and domain lists in Redis; entries must already be canonical ``Entry`` objects."""
 
-    def __init__(self, client: redis.Redis, config: Config) -> None:
+    def __init__(self, client: RedisClient, config: Config) -> None:
         self.redis = client
         self.config = config
         self._add = client.register_script(_ADD)

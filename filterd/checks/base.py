@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 from filterd.types import Envelope, Finding, Message
 
 if TYPE_CHECKING:
-    import redis
-
+    from filterd.clients.redis import RedisClient
     from filterd.dns.resolver import DnsblResolver
     from filterd.settings import Settings
 
@@ -37,7 +36,7 @@ class Services:
     """Clients shared by several checks, built once per configuration load."""
 
     settings: Settings
-    redis: redis.Redis | None = None
+    redis: RedisClient | None = None
     # The one DNS resolver ([dns]) the list checks share; None when no list check runs.
     resolver: DnsblResolver | None = None
 

@@ -21,11 +21,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from filterd.checks.base import Check, Services
+from filterd.keyspace import outbound_keys
 from filterd.outbound.config import SECTION, Config
 from filterd.outbound.direction import OUTBOUND, prepare
 from filterd.outbound.headers import headers_to_remove
 from filterd.outbound.pipeline import SPAM_CODE, OutboundPipeline
-from filterd.outbound.ratelimit import RateLimiter, limiter_for, outbound_keys
+from filterd.outbound.ratelimit import RateLimiter, limiter_for
 from filterd.settings import Settings
 from filterd.types import Decision, Envelope, Message, RecipientDecision
 

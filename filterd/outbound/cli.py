@@ -17,6 +17,7 @@ import click
 
 from filterd.clients.redis import RedisNotConfigured, connect_for_tools
 from filterd.cliopts import CONFIG_OPTION, REDIS_URL_OPTION
+from filterd.keyspace import SubjectKind
 from filterd.outbound.config import LIMIT_NAMES, SECTION, Config
 from filterd.outbound.postfix import (
     DEFAULT_HEADER_CHECKS,
@@ -24,7 +25,7 @@ from filterd.outbound.postfix import (
     parse_version,
     submission_recipe,
 )
-from filterd.outbound.ratelimit import RateLimiter, SubjectKind, limiter_for
+from filterd.outbound.ratelimit import RateLimiter, limiter_for
 from filterd.settings import ConfigError, load_settings
 
 

@@ -22,8 +22,9 @@ from collections.abc import Sequence
 
 from filterd import policy
 from filterd.checks.base import Check, MessageCheck, Services
+from filterd.keyspace import SubjectKind
 from filterd.outbound.config import DEFAULT_MESSAGE_CHECKS, Config
-from filterd.outbound.ratelimit import RateLimiter, SubjectKind
+from filterd.outbound.ratelimit import RateLimiter
 from filterd.pipeline import CheckBuildError, Pipeline
 from filterd.settings import Settings
 from filterd.types import (

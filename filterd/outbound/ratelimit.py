@@ -21,48 +21,12 @@ IP (``limit_unauthenticated_by_ip``) hold only the IP, never a mailbox.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from filterd.keyspace import SubjectKind, outbound_keys
 from filterd.outbound.config import LIMIT_NAMES, WINDOWS, Config
-
-SubjectKind = Literal["u", "ip"]
-
-# ---------------------------------------------------------------------------------------
-# KEYSPACE -- every Redis key of filterd.outbound is built in this one function.
-# At merge the lead may move it into filterd/keyspace.py unchanged. The patterns are
-# declared in rules/retention.toml (kinds rate-limit-state, rate-limit-override,
-# outbound-spam) with their retention tags.
-# ---------------------------------------------------------------------------------------
-KEY_PREFIX = "filterd:v1:"
-_UNSAFE = re.compile(r"[^A-Za-z0-9@._+=:-]")
-
-
-@dataclass(frozen=True)
-class OutboundKeys:
-    override: str  # hash: limit name -> per-account limit (admin setting, no expiry)
-    buckets: Mapping[str, str]  # limit name -> GCRA state (expires within its window)
-    spam_prefix: str  # + "YYYY-MM-DD": refused outbound spam per day (retention tag)
-
-
-def outbound_keys(kind: SubjectKind, subject: str) -> OutboundKeys:
-    """All keys of one account (``kind="u"``, the SASL login) or one client IP (``"ip"``).
-
-    They share the hash tag ``{kind:subject}``, so one Lua script may touch them all
-    on Redis Cluster. The subject is case-folded and anything outside a safe set
-    (braces, spaces, controls) is percent-encoded, so a login cannot break the tag.
-    """
-    value = _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()),
-                        subject.strip().lower())[:400]  # fmt: skip
-    tag = "{" + f"{kind}:{value}" + "}"
-    return OutboundKeys(
-        override=f"{KEY_PREFIX}rl:{tag}:o",
-        buckets={name: f"{KEY_PREFIX}rl:{tag}:b:{name}" for name in LIMIT_NAMES},
-        spam_prefix=f"{KEY_PREFIX}ob:{tag}:spam:",
-    )
-
 
 # ---------------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from filterd.records import keys
+from filterd import keyspace as keys
 from filterd.records.schema import Schema, SchemaError
 
 PSEUDONYM_PREFIX = "p:"
@@ -113,7 +113,12 @@ class Pseudonymizer:
         now = self.clock()
         first = self.epoch(now - self.period - self.log_seconds)
         epochs = list(range(first, self.epoch(now) + 1))
-        values = self.redis.mget([keys.pseudonym_key(e) for e in epochs])
+        # One GET per key in one pipeline, not MGET: on Cluster the keys of several
+        # periods live in different slots.
+        pipe = self.redis.pipeline(transaction=False)
+        for e in epochs:
+            pipe.get(keys.pseudonym_key(e))
+        values = pipe.execute()
         return [self._derive(v) for v in values if v is not None]
 
     @staticmethod

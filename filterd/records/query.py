@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
 
-from filterd.records import keys
+from filterd import keyspace as keys
+from filterd.clients.redis import pipeline
 from filterd.records.pseudonym import Pseudonymizer, is_pseudonym
 from filterd.records.schema import Schema
 
@@ -204,7 +205,8 @@ def erase_mailbox(
                 other_index.setdefault(token, set()).add(item.record_id)
     counts["other_index_entries"] = sum(len(ids) for ids in other_index.values())
     if not dry_run:
-        pipe = redis_client.pipeline(transaction=True)
+        # One transaction on a single Redis; on Cluster per key (safe to repeat).
+        pipe = pipeline(redis_client, atomic=True)
         for item in found:
             pipe.delete(keys.log_key(item.record_id))
         for token, ids in list(members.items()) + list(other_index.items()):

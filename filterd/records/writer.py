@@ -3,9 +3,12 @@
 Every write goes through the schema: a field that is not declared is refused
 (SchemaViolation), values are type-checked, personal fields are pseudonymised
 when that is configured, and the key's expiry comes from the kind's retention tag
-in the same command (SET ... EX) or the same MULTI/EXEC transaction (SADD/HINCRBY
-followed by EXPIRE), so no key is ever visible without a TTL. A Batch collects one
-message's writes and sends them in one round trip.
+in the same atomic step: ``SET ... EX``, or the keyspace's WRITE_WITH_EXPIRY script
+(SADD/HINCRBY and EXPIRE on one key), so no key is ever visible without a TTL, not
+even on a replica promoted in a failover. A Batch collects one message's writes and
+sends them in one round trip: one MULTI/EXEC on a single Redis or behind Sentinel;
+on Redis Cluster one pipeline that redis-py splits over the primaries owning the
+keys (a transaction there must stay in one slot; see filterd.keyspace).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from filterd.records import keys
+from filterd import keyspace as keys
+from filterd.clients.redis import pipeline
 from filterd.records.pseudonym import Pseudonymizer
 from filterd.records.schema import Kind, Schema, SchemaError, SchemaViolation, validate
 
@@ -77,13 +81,13 @@ class RecordWriter:
 
 
 class Batch:
-    """One MULTI/EXEC transaction; validation happens as each write is added."""
+    """One round trip of single-key atomic writes; validation happens as each is added."""
 
     def __init__(self, writer: RecordWriter, pseudonym_key: bytes | None) -> None:
         self._writer = writer
         self._key = pseudonym_key
         self._separators = writer.separators
-        self._pipe = writer.redis.pipeline(transaction=True)
+        self._pipe = pipeline(writer.redis, atomic=True)
         self.size = 0
 
     def _kind(self, name: str) -> Kind:
@@ -139,8 +143,7 @@ class Batch:
         if not keys.normalise_mailbox(mailbox):
             return
         name = keys.index_key(self.mailbox_token(mailbox))
-        self._pipe.sadd(name, record_id)
-        self._pipe.expire(name, self._ttl(kind))
+        self._write_with_expiry(name, self._ttl(kind), "SADD", record_id)
         self.size += 1
 
     def count(self, day: str, action: str, reason_code: str, n: int = 1) -> None:
@@ -150,9 +153,14 @@ class Batch:
             kind, {"day": day, "action": action, "reason_code": reason_code, "count": n}
         )
         name = keys.stats_key(values["day"])
-        self._pipe.hincrby(name, keys.stats_field(values["action"], values["reason_code"]), n)
-        self._pipe.expire(name, self._ttl(kind))
+        field = keys.stats_field(values["action"], values["reason_code"])
+        self._write_with_expiry(name, self._ttl(kind), "HINCRBY", field, n)
         self.size += 1
+
+    def _write_with_expiry(self, name: str, ttl: int, *command: Any) -> None:
+        # execute_command, not .eval(): redis-py's cluster pipeline disables .eval()
+        # but routes a queued EVAL by its key like any other command.
+        self._pipe.execute_command("EVAL", keys.WRITE_WITH_EXPIRY, 1, name, ttl, *command)
 
     def execute(self) -> None:
         if self.size:
