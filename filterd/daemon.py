@@ -22,6 +22,7 @@ from types import FrameType
 import Milter
 import milter as libmilter
 
+from filterd import health, metrics
 from filterd import milter as adapter
 from filterd.addresses import parse_milter_socket
 from filterd.runtime import Runtime
@@ -86,6 +87,10 @@ class Daemon:
         with private_services(first) as overrides:
             self.env.update(overrides)
             settings = self.load()
+            # --- service helper (issue 14): start-up health check, then metrics. The lead
+            # replaces start_single_process with the supervisor's metrics.prepare/serve_http.
+            health.enforce(settings, health.preflight(settings))
+            metrics.start_single_process(settings)
             runtime = Runtime(settings)
             _selftest(runtime)
             holder = adapter.RuntimeHolder(runtime)

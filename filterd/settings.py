@@ -93,6 +93,9 @@ class DaemonConfig(Section):
     # Where private services (Redis, clamd) keep their files when started by serve.
     state_dir: str = "var"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # A fail-closed dependency (clamd, Redis, model) down at start: refuse to start,
+    # or start "degraded" (logged at ERROR; mail needing it gets 4xx). filterd.health.
+    on_dependency_down: Literal["refuse", "degraded"] = "refuse"
 
 
 _CORE_SECTIONS: dict[str, type[Section]] = {
@@ -107,6 +110,7 @@ _CORE_SECTIONS: dict[str, type[Section]] = {
 _EXTRA_SECTION_MODULES: tuple[str, ...] = (
     "filterd.records.config",
     "filterd.allowlist.config",
+    "filterd.metrics",
 )
 
 
