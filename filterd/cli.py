@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from filterd.check import check as check_command
 from filterd.cliopts import CONFIG_OPTION
 from filterd.logsetup import setup_logging
 from filterd.pipeline import CheckBuildError
@@ -105,3 +106,4 @@ def _register_owned_commands() -> None:
 
 
 _register_owned_commands()
+main.add_command(check_command)

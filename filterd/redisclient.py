@@ -30,6 +30,12 @@ def private_socket(settings: Settings) -> Path:
     return private_state_dir(settings) / "redis.sock"
 
 
+def private_clamd_socket(settings: Settings) -> Path:
+    """The clamd socket `filterd serve` starts when no [clamav] address is configured
+    (ClamdServer(unix_socket=True) listens on <state_dir>/clamd/clamd.sock)."""
+    return settings.resolve_path(settings.daemon.state_dir) / "clamd" / "clamd.sock"
+
+
 def connect(settings: Settings, url: str) -> redis.Redis:
     timeout = settings.redis.socket_timeout
     return redis.Redis.from_url(
