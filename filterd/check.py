@@ -141,18 +141,6 @@ def check_schema(settings: Settings) -> list[Line]:
     return [Line("ok", "retention schema", f"{path} ({len(schema.kinds)} record kinds)")]
 
 
-def _private_overrides(settings: Settings) -> dict[str, str]:
-    """The running daemon's private services, found as the admin commands find them."""
-    from filterd.redisclient import private_clamd_socket, private_socket
-
-    env: dict[str, str] = {}
-    if not settings.redis.url and private_socket(settings).exists():
-        env["FILTERD_REDIS_URL"] = f"unix://{private_socket(settings)}?db=0"
-    if not settings.section("clamav").address and private_clamd_socket(settings).exists():
-        env["FILTERD_CLAMAV_ADDRESS"] = f"unix:{private_clamd_socket(settings)}"
-    return env
-
-
 def check_checks(settings: Settings) -> list[Line]:
     """Build every configured check once, as the daemon does (lists, types, model)."""
     from filterd.checks.base import Services
@@ -325,7 +313,9 @@ def run_checks(
         return lines
     lines += check_schema(settings)
     if services:
-        overrides = _private_overrides(settings)
+        from filterd.discover import private_overrides
+
+        overrides = private_overrides(settings)
         if overrides:
             settings = load_settings(settings.source, {**os.environ, **overrides})
     lines += check_checks(settings)
