@@ -67,10 +67,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 "uribl": {"enabled": False},
             },
         )
-        with filtered_postfix(base, cfg, sink.port) as (_daemon, postfix):
+        with filtered_postfix(base, cfg, sink.port) as (daemon, postfix):
             added = allow(cfg, "add", FRIEND, LISTED_IP)
             assert added.returncode == 0, added.stderr
-            yield {"config": cfg, "postfix": postfix, "sink": sink, "base": base}
+            yield {"config": cfg, "postfix": postfix, "sink": sink, "daemon": daemon}
 
 
 def scan(stack: dict[str, Any], *args: str, stdin: bytes = MAIL) -> dict[str, Any]:
@@ -105,6 +105,17 @@ def test_scan_matches_the_daemon_for_an_allowlisted_recipient(stack: dict[str, A
     assert outcome[OTHER][:2] == ("reject", "rcpt")
     assert outcome[OTHER][2] is not None and outcome[OTHER][2].startswith("554 5.7.1")
     assert sent.rcpts[OTHER].text in outcome[OTHER][2]
+
+    # The daemon's log: the refused second recipient has Postfix's queue id (the queue
+    # file opened with the first valid recipient); the message line has the spam
+    # probability and the thresholds served, as scan shows them.
+    lines = [json.loads(x) for x in stack["daemon"].log().splitlines() if x.startswith("{")]
+    rcpt = next(x for x in lines if x.get("event") == "rcpt" and x["code"] == "DNSBL_ZEN_SBL")
+    eom = next(x for x in lines if x.get("event") == "eom" and x["code"] == "ALLOWLISTED")
+    assert rcpt["queue_id"] and rcpt["queue_id"] == eom["queue_id"]
+    assert eom["spam_probability"] == pytest.approx(out["spam_score"], abs=1e-9)
+    assert eom["thresholds"] == out["thresholds"]
+    assert 0 < eom["thresholds"]["spam_tag_probability"] <= 1
 
 
 def test_rejected_message_lists_recipients_as_rejected(stack: dict[str, Any]) -> None:
