@@ -61,3 +61,17 @@ def test_find_by_queue_id_and_message_id(tmp_path: Path, loaded: str) -> None:
 
     missing = CliRunner().invoke(records, ["find", "--config", str(cfg), "NOSUCHQ"])
     assert missing.exit_code == 1
+
+
+def test_log_filter_keeps_wildcard_help_text_and_masks_addresses() -> None:
+    from filterd.records.logfilter import Redactor
+
+    redactor = Redactor()
+    help_text = "wildcard '*' in domain 'a*b.example': write *@domain or *@*.domain instead"
+    assert redactor.text(help_text) == help_text
+    assert redactor.text("site entry *@friends.example added") == (
+        "site entry *@friends.example added"
+    )
+    assert redactor.text("from alice@example.org and a*@example.org") == (
+        "from [address] and [address]"
+    )
