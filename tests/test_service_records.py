@@ -75,3 +75,40 @@ def test_log_filter_keeps_wildcard_help_text_and_masks_addresses() -> None:
     assert redactor.text("from alice@example.org and a*@example.org") == (
         "from [address] and [address]"
     )
+
+
+def test_stats_chart_stable_colours_plain_labels_zero_days(tmp_path: Path) -> None:
+    from matplotlib.colors import to_hex
+
+    from filterd.records.chart import render, write_png
+    from filterd.records.query import DayStats
+
+    days = [
+        DayStats("2026-11-01", {"accepted": 40, "virus": 2, "classifier": 5}),
+        DayStats("2026-11-04", {"accepted": 30, "split": 1, "blocklist": 4}),
+    ]
+    cats = ["accepted", "split", "virus", "banned-type", "blocklist", "classifier"]
+    fig = render(days, cats)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == [
+        "accepted: 70",
+        "retried separately (split): 1",
+        "virus: 2",
+        "blocklist: 4",
+        "spam: 5",
+    ]
+    assert "2026-11-01 to 2026-11-04, 4 days, 82 recipients in total" in ax.get_title()
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "2026-11-01",
+        "2026-11-02",
+        "2026-11-03",
+        "2026-11-04",
+    ]
+    colours = {c.get_label(): to_hex(c.patches[0].get_facecolor()) for c in ax.containers}
+    # A chart with other categories present gives "virus" the same colour.
+    other = render([DayStats("2026-12-01", {"virus": 1})], cats).axes[0]
+    assert to_hex(other.containers[0].patches[0].get_facecolor()) == colours["virus: 2"]
+    out = tmp_path / "chart.png"
+    write_png(days, cats, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

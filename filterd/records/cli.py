@@ -303,7 +303,8 @@ def stats(
     if png is not None:
         from filterd.records.chart import write_png
 
-        write_png(result, cols, png)
+        today = datetime.now(UTC).date()
+        write_png(result, cols, png, start=since, end=today if since is not None else None)
         click.echo(f"chart written to {png}", err=True)
 
 
