@@ -46,6 +46,7 @@ def test_clamd_down_refuses_start_naming_it(tmp_path: Path) -> None:
     daemon = DaemonProcess(base / "d", _config(base / "f.toml", dead, "refuse"))
     with pytest.raises(RuntimeError, match="exited at start"):
         daemon.start(timeout=30)
+    assert daemon.proc is not None and daemon.proc.returncode == 3
     lines = _lines(daemon.log())
     refusal = [line for line in lines if line["level"] == "critical"]
     assert len(refusal) == 1, daemon.log()

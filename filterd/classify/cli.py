@@ -210,7 +210,7 @@ def evaluate(model_spec, ham, spam, roc_png, as_json, progress, models_dir):  # 
     res = ev.metrics(y, s, {"reject": reject, "tag": tag}, groups=np.array(groups))
     res["model"] = m.name
     if roc_png:
-        ev.roc_png(y, s, roc_png, title=m.name)
+        ev.roc_png(y, s, roc_png, title=m.name, thresholds={"reject": reject, "tag": tag})
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
