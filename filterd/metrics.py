@@ -48,6 +48,7 @@ log = logging.getLogger("filterd.metrics")
 
 SECTION = "metrics"
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+_SUPERVISOR_PID: int | None = None
 
 
 class Config(Section):
@@ -97,6 +98,7 @@ def prepare(settings: Settings) -> None:
     Old sample files are removed: counters of a previous run would otherwise be
     added to this one's. Call this before ``prometheus_client`` is first imported.
     """
+    global _SUPERVISOR_PID
     if not enabled(settings):
         return
     directory = metrics_dir(settings)
@@ -104,7 +106,25 @@ def prepare(settings: Settings) -> None:
     directory.chmod(0o700)
     for old in directory.glob("*.db"):
         old.unlink(missing_ok=True)
+    _chown_for_workers(settings, directory)
     os.environ[ENV] = str(directory)
+    # The process that prepares is the supervisor: it serves no mail, so it neither
+    # counts as a worker nor starts a monitor thread (threads and fork do not mix).
+    _SUPERVISOR_PID = os.getpid()
+
+
+def _chown_for_workers(settings: Settings, directory: Path) -> None:
+    """Workers that drop privileges ([daemon] user, when the daemon has one) must write here."""
+    user = getattr(settings.daemon, "user", None)
+    if not user or os.geteuid() != 0:
+        return
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(str(user))
+    except KeyError:
+        return
+    os.chown(directory, entry.pw_uid, entry.pw_gid)
 
 
 def worker_exited(pid: int) -> None:
@@ -277,6 +297,8 @@ def build_observer(settings: Settings) -> MetricsObserver | None:
     Admin commands (``filterd scan``) build a Runtime too; they get no metrics.
     """
     if not enabled(settings) or os.environ.get(ENV) != str(metrics_dir(settings)):
+        return None
+    if os.getpid() == _SUPERVISOR_PID:
         return None
     return MetricsObserver(settings)
 
@@ -482,7 +504,9 @@ def start_single_process(settings: Settings) -> None:
     import atexit
     import multiprocessing
 
+    global _SUPERVISOR_PID
     prepare(settings)
+    _SUPERVISOR_PID = None  # this process is also the (only) worker
     child = multiprocessing.get_context("fork").Process(
         target=serve_http, args=(settings,), name="filterd-metrics", daemon=True
     )
