@@ -477,7 +477,12 @@ def serve_http(settings: Settings) -> None:
 
         server_class = V6
     parent = os.getppid()
-    httpd = make_server(host, port, _app(_registry()), server_class, handler_class=Quiet)
+    try:
+        httpd = make_server(host, port, _app(_registry()), server_class, handler_class=Quiet)
+    except OSError as exc:
+        # Metrics never stop mail: say so once, clearly, and leave the daemon serving.
+        log.error("metrics: cannot listen on %s:%d: %s ([metrics] listen)", host, port, exc)
+        return
     log.info("metrics listening", extra={"listen": f"{host}:{port}"})
     thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
     thread.start()
