@@ -16,6 +16,7 @@ Every line says ``ok``, ``note``, ``warning`` or ``error``; the exit status is
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 import shutil
 import subprocess
@@ -144,7 +145,6 @@ def check_schema(settings: Settings) -> list[Line]:
 def check_checks(settings: Settings) -> list[Line]:
     """Build every configured check once, as the daemon does (lists, types, model)."""
     from filterd.checks.base import Services
-    from filterd.pipeline import build_checks
 
     if not settings.section("clamav").address:
         # The daemon would start a private clamd there; building contacts nothing.
@@ -152,12 +152,18 @@ def check_checks(settings: Settings) -> list[Line]:
 
         address = f"unix:{private_clamd_socket(settings)}"
         settings = load_settings(settings.source, {**os.environ, "FILTERD_CLAMAV_ADDRESS": address})
-    try:
-        checks = build_checks(settings, Services(settings=settings, redis=None))
-    except Exception as exc:  # noqa: BLE001 - any build failure is the finding
-        return [Line("error", "checks", str(exc))]
-    lines = []
-    for name, check in checks.items():
+    services = Services(settings=settings, redis=None)
+    names = dict.fromkeys(settings.pipeline.recipient_checks + settings.pipeline.message_checks)
+    lines: list[Line] = []
+    for name in names:
+        # One at a time, so every broken list or file is reported, not only the first.
+        module = importlib.import_module(f"filterd.checks.{name}")
+        try:
+            check = module.build(settings.section(module.SECTION), services)
+        except Exception as exc:  # noqa: BLE001 - any build failure is the finding
+            what = f"check {name} [{module.SECTION}]"
+            lines.extend(Line("error", what, text) for text in str(exc).splitlines() if text)
+            continue
         lines.append(Line("ok", f"check {name}", "built"))
         check.close()
     return lines

@@ -143,3 +143,20 @@ def test_postfix_chroot_needs_socket_inside_and_relative_name(tmp_path: Path) ->
     )
     assert code == 0, out
     assert "unix:/filterd/milter.sock (unix socket inside the chroot" in out
+
+
+def test_every_broken_list_is_named(tmp_path: Path) -> None:
+    site = tmp_path / "site.txt"
+    site.write_text("good@example.org\n*@com\n")
+    cfg = write_config(
+        tmp_path / "f.toml",
+        {
+            "allowlist": {"site_files": [str(site)]},
+            "attachments": {"banned_file": str(tmp_path / "missing.toml")},
+        },
+    )
+    code, out = run_check("--config", str(cfg), "--no-services")
+    assert code == 1, out
+    assert f"error: check allowlist [allowlist]: {site}:2: com is a public suffix" in out
+    assert "error: check attachments [attachments]:" in out and "missing.toml" in out
+    assert "ok: check classifier: built" in out
