@@ -264,7 +264,13 @@ def check_postfix(settings: Settings, main_cf: Path) -> list[Line]:
     confdir = main_cf.parent
     values = _postconf(
         confdir,
-        ["smtpd_milters", "milter_default_action", "milter_protocol", "queue_directory"],
+        [
+            "smtpd_milters",
+            "milter_default_action",
+            "milter_protocol",
+            "queue_directory",
+            "milter_rcpt_macros",
+        ],
     )
     lines: list[Line] = []
     chrooted = _chrooted_smtpd(confdir)
@@ -306,6 +312,14 @@ def check_postfix(settings: Settings, main_cf: Path) -> list[Line]:
         lines.append(Line("ok", what, "milter_protocol = 6"))
     else:
         lines.append(Line("warning", what, f"milter_protocol = {protocol}: filterd expects 6"))
+    if "i" not in values.get("milter_rcpt_macros", "i").split():
+        lines.append(
+            Line(
+                "note",
+                what,
+                "milter_rcpt_macros lacks i: RCPT-time log lines will carry no queue id",
+            )
+        )
     if chrooted is None:
         lines.append(Line("note", what, "no master.cf beside main.cf: chroot not checked"))
     return lines
