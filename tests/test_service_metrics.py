@@ -156,6 +156,8 @@ def test_metrics_after_real_traffic_and_no_personal_data(stack: dict[str, Any]) 
             _value(text, "filterd_messages_total", reason="CLAMAV_VIRUS") == 1
             and _value(text, "filterd_recipients_refused_total", action="reject") == 1
             and _value(text, "filterd_model_info") == 1
+            # Sampled every health interval: wait for a sample after the last session.
+            and _value(text, "filterd_sessions_in_flight") == 0
         )
 
     text = _wait_metrics(stack["url"], ready)
