@@ -212,3 +212,17 @@ def test_health_names_what_is_down(stack: dict[str, Any]) -> None:
         stack["url"], lambda t: _value(t, "filterd_dependency_up", dependency="clamd") == 0
     )
     assert _value(text, "filterd_dependency_up", dependency="redis") == 1
+
+
+def test_in_flight_counts_an_open_transaction(stack: dict[str, Any]) -> None:
+    import smtplib
+
+    smtp = smtplib.SMTP("127.0.0.1", stack["postfix"].port, local_hostname="c.example.net")
+    try:
+        smtp.ehlo()
+        assert smtp.mail(SENDER)[0] == 250
+        assert smtp.rcpt(RCPT)[0] == 250  # the milter has seen MAIL FROM: one transaction open
+        _wait_metrics(stack["url"], lambda t: _value(t, "filterd_sessions_in_flight") == 1)
+    finally:
+        smtp.quit()
+    _wait_metrics(stack["url"], lambda t: _value(t, "filterd_sessions_in_flight") == 0)
