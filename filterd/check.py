@@ -190,7 +190,26 @@ def check_dependencies(settings: Settings) -> list[Line]:
         lines.append(Line("ok", "clamd", f"{clamd} answers PING"))
     if settings.redis.url and "redis" not in down:
         lines.append(Line("ok", "redis", "answers PING"))
+    lines += check_dns_lists(settings)
     return lines
+
+
+def check_dns_lists(settings: Settings) -> list[Line]:
+    """Each DNS list's RFC 5782 test entries through the configured resolver.
+
+    Lists fail open, so a problem is a warning: mail flows, unprotected by that list.
+    """
+    used = set(settings.pipeline.recipient_checks) | set(settings.pipeline.message_checks)
+    if not used & {"dnsbl", "uribl"}:
+        return []
+    from filterd.checks.dnsbl import selftest
+
+    problems: list[str] = []
+    for name in sorted(used & {"dnsbl", "uribl"}):
+        problems += selftest(settings.section(name))
+    if not problems:
+        return [Line("ok", "dns lists", "test entries answer as expected")]
+    return [Line("warning", "dns lists", problem) for problem in problems]
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -160,3 +161,25 @@ def test_every_broken_list_is_named(tmp_path: Path) -> None:
     assert f"error: check allowlist [allowlist]: {site}:2: com is a public suffix" in out
     assert "error: check attachments [attachments]:" in out and "missing.toml" in out
     assert "ok: check classifier: built" in out
+
+
+def test_dns_lists_are_asked_for_their_test_entries(tmp_path: Path, rbldnsd: Any) -> None:
+    rbl = rbldnsd([("zen.test", "ip4set", ":127.0.0.2:SBL\n127.0.0.2\n")])
+    rule = [{"name": "SBL", "match": "127.0.0.2", "weight": 10}]
+    cfg = write_config(
+        tmp_path / "f.toml",
+        {
+            "pipeline": {"recipient_checks": ["dnsbl"], "message_checks": []},
+            "dnsbl": {
+                "nameservers": rbl.nameserver,
+                "lists": [
+                    {"id": "ZEN", "zone": "zen.test", "rules": rule},
+                    {"id": "GONE", "zone": "unserved.test", "rules": rule},
+                ],
+            },
+        },
+    )
+    code, out = run_check("--config", str(cfg))
+    assert code == 0, out  # lists fail open: warnings, not errors
+    warnings = [line for line in out.splitlines() if line.startswith("warning: dns lists:")]
+    assert len(warnings) == 1 and "GONE (unserved.test)" in warnings[0], out
