@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from filterd.check import check as check_command
 from filterd.cliopts import CONFIG_OPTION
 from filterd.logsetup import setup_logging
 from filterd.pipeline import CheckBuildError
@@ -52,6 +53,7 @@ def serve(config_path: Path | None) -> None:
 @click.option("--client-ip", default=None, help="Connecting client's IP address.")
 @click.option("--helo", default=None, help="HELO/EHLO name.")
 @click.option("--auth-user", default=None, help="SASL login, as if authenticated.")
+@click.option("--pretty", is_flag=True, help="Readable text instead of JSON lines.")
 @click.argument("files", nargs=-1, required=True)
 def scan(
     config_path: Path | None,
@@ -60,14 +62,21 @@ def scan(
     client_ip: str | None,
     helo: str | None,
     auth_user: str | None,
+    pretty: bool,
     files: tuple[str, ...],
 ) -> None:
-    """Run the pipeline offline on RFC 822 files ('-' = stdin); one JSON line each."""
+    """The daemon's verdict on RFC 822 files ('-' = stdin): one JSON line each.
+
+    Uses the same services as the running daemon (its private clamd and Redis
+    when none is configured), so per-user allowlists apply as they would.
+    """
+    from filterd.discover import load_like_daemon
     from filterd.runtime import Runtime
+    from filterd.scan import pretty as pretty_text
     from filterd.types import Envelope
 
     try:
-        settings = load_settings(config_path)
+        settings = load_like_daemon(config_path)
         setup_logging("warning")
         runtime = Runtime(settings)
     except (ConfigError, CheckBuildError) as exc:
@@ -85,11 +94,12 @@ def scan(
             try:
                 raw = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
             except OSError as exc:
-                click.echo(json.dumps({"file": name, "error": str(exc)}))
+                failed = {"file": name, "error": str(exc)}
+                click.echo(pretty_text(failed) if pretty else json.dumps(failed))
                 worst = 2
                 continue
             result: dict[str, Any] = {"file": name, **scan_bytes(runtime, raw, envelope)}
-            click.echo(json.dumps(result))
+            click.echo(pretty_text(result) if pretty else json.dumps(result))
     finally:
         runtime.retire()
     sys.exit(worst)
@@ -108,3 +118,4 @@ def _register_owned_commands() -> None:
 
 
 _register_owned_commands()
+main.add_command(check_command)

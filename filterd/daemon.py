@@ -22,6 +22,7 @@ from types import FrameType
 import Milter
 import milter as libmilter
 
+from filterd import health, metrics
 from filterd import milter as adapter
 from filterd.addresses import parse_milter_socket
 from filterd.runtime import Runtime
@@ -46,10 +47,15 @@ class Daemon:
         with private_services(first) as overrides:
             self.env.update(overrides)
             settings = self.load()
+            # --- service helper (issue 14): start-up health check, then metrics. The lead
+            # replaces start_single_process with the supervisor's metrics.prepare/serve_http.
+            health.enforce(settings, health.preflight(settings))
+            metrics.start_single_process(settings)
             runtime = Runtime(settings)
             _selftest(runtime)
             holder = adapter.RuntimeHolder(runtime)
             adapter.install(holder)
+            metrics.watch(holder)
             signal.signal(signal.SIGHUP, self._on_hup)
             signal.signal(signal.SIGTERM, self._on_term)
             signal.signal(signal.SIGINT, self._on_term)

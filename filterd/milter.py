@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import Milter
 
 from filterd.runtime import Runtime
+from filterd.scan import thresholds as served_thresholds
 from filterd.transaction import Transaction
 from filterd.types import Action, Decision, Envelope, SmtpReply
 
@@ -176,7 +177,14 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
         self.runtime.notify_recipient(self.tx.envelope, decision)
         log.info(
             "recipient refused",
-            extra={"event": "rcpt", "action": decision.action.value, "code": decision.reason_code},
+            extra={
+                "event": "rcpt",
+                "action": decision.action.value,
+                "code": decision.reason_code,
+                # Postfix has a queue id at RCPT once its queue file is open (not for
+                # the first recipient under smtpd_delay_open_until_valid_rcpt=yes).
+                "queue_id": self.getsymval("i") or None,
+            },
         )
         assert decision.reply is not None
         self._reply(decision.reply)
@@ -243,6 +251,8 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
                 "queue_id": message.envelope.queue_id,
                 "action": decision.action.value,
                 "code": decision.reason_code,
+                "spam_probability": decision.spam_score,
+                "thresholds": served_thresholds(self.runtime),
                 "size": message.size,
                 "ms": round((time.monotonic() - start) * 1000, 1),
                 # Per check, wall time (concurrent checks include waiting for the GIL).

@@ -174,6 +174,18 @@ def decide_recipient(
     return RecipientDecision(recipient, action, reply, klass, tuple(findings), code)
 
 
+# Allowlist scope (the first word of an ALLOWLIST_MATCH detail) -> the header's word.
+_ALLOWLIST_SCOPES = {"mailbox": "recipient", "domain": "domain", "site": "site"}
+
+
+def _allowlist_scope(findings: Sequence[Finding]) -> str:
+    """Why an exempt message was exempt, for ``X-Spam-Status: No, allowlisted=...``."""
+    for f in findings:
+        if f.effect is Effect.EXEMPT:
+            return _ALLOWLIST_SCOPES.get(f.detail.split(" ", 1)[0], "yes")
+    return "yes"
+
+
 def decide_message(
     message: Message,
     findings: Sequence[Finding],
@@ -194,6 +206,7 @@ def decide_message(
     if action is Action.ACCEPT:
         if is_exempt(findings):
             code = "ALLOWLISTED"
+            headers.append(("X-Spam-Status", f"No, allowlisted={_allowlist_scope(findings)}"))
         elif score >= cfg.tag_score:
             code = max(
                 (f for f in findings if f.effect is Effect.SCORE), key=lambda f: f.score

@@ -35,12 +35,14 @@ class Observer(Protocol):
 
 
 def _observers(settings: Settings, client: RedisClient | None) -> list[Observer]:
-    if "records" not in settings.sections or client is None:
-        return []
-    from filterd.records.observer import build_observer
+    from filterd.metrics import build_observer as metrics_observer
 
-    observer = build_observer(settings.section("records"), client)
-    return [] if observer is None else [observer]
+    found: list[Observer | None] = [metrics_observer(settings)]
+    if "records" in settings.sections and client is not None:
+        from filterd.records.observer import build_observer
+
+        found.append(build_observer(settings.section("records"), client))
+    return [o for o in found if o is not None]
 
 
 def _resolver(settings: Settings) -> DnsblResolver | None:

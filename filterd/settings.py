@@ -3,7 +3,7 @@
 Each section is a frozen pydantic model. Core sections are declared here;
 each check module under ``filterd.checks`` declares its own section (``SECTION``
 and ``Config``), listed in ``filterd.checks.REGISTRY``; the few non-check owners
-(dns, records, outbound) are named in ``section_models``. Adding a check means
+(dns, records, outbound, metrics) are named in ``section_models``. Adding a check means
 one new module plus configuration. Validation errors always name the file, the
 section and the key.
 """
@@ -108,6 +108,9 @@ class DaemonConfig(Section):
     # Where private services (Redis, clamd) keep their files when started by serve.
     state_dir: str = "var"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # A fail-closed dependency (clamd, Redis, model) down at start: refuse to start,
+    # or start "degraded" (logged at ERROR; mail needing it gets 4xx). filterd.health.
+    on_dependency_down: Literal["refuse", "degraded"] = "refuse"
 
 
 _CORE_SECTIONS: dict[str, type[Section]] = {
@@ -120,12 +123,13 @@ _CORE_SECTIONS: dict[str, type[Section]] = {
 
 
 def section_models() -> dict[str, type[Section]]:
-    """Every known section: core, each registered check, dns, records, outbound.
+    """Every known section: core, each registered check, dns, records, outbound, metrics.
 
     Imported here, not at the top: the check modules build on this module's
     ``Section``, and the registry (``filterd.checks.REGISTRY``) is where their
     names are listed, once.
     """
+    from filterd import metrics
     from filterd.checks import REGISTRY
     from filterd.dns import config as dns_config
     from filterd.outbound import config as outbound_config
@@ -137,6 +141,7 @@ def section_models() -> dict[str, type[Section]]:
     models[dns_config.SECTION] = dns_config.Config
     models[records_config.SECTION] = records_config.Config
     models[outbound_config.SECTION] = outbound_config.Config
+    models[metrics.SECTION] = metrics.Config
     return models
 
 

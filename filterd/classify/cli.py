@@ -210,7 +210,9 @@ def evaluate(model_spec, ham, spam, roc_png, as_json, progress, models_dir):  # 
     res = ev.metrics(y, s, {"reject": reject, "tag": tag}, groups=np.array(groups))
     res["model"] = m.name
     if roc_png:
-        ev.roc_png(y, s, roc_png, title=m.name)
+        from filterd.roc import served_thresholds
+
+        ev.roc_png(y, s, roc_png, title=m.name, thresholds=served_thresholds((reject, tag)))
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:

@@ -131,28 +131,14 @@ def format_metrics(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def roc_png(y: np.ndarray, s: np.ndarray, path: str, title: str = "ROC") -> None:
-    import matplotlib
+def roc_png(
+    y: np.ndarray,
+    s: np.ndarray,
+    path: str,
+    title: str = "ROC",
+    thresholds: dict[str, float] | None = None,
+) -> None:
+    """Drawn by filterd.roc (service helper): starts at 1/N ham, marks served thresholds."""
+    from filterd.roc import write_roc_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    y = np.asarray(y).astype(bool)
-    s = np.asarray(s, dtype=np.float64)
-    order = np.argsort(-s, kind="stable")
-    ys = y[order]
-    tpr = np.concatenate([[0.0], np.cumsum(ys) / max(1, ys.sum())])
-    fpr = np.concatenate([[0.0], np.cumsum(~ys) / max(1, (~ys).sum())])
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.plot(np.maximum(fpr, 1e-4), tpr)
-    ax.set_xscale("log")
-    ax.set_xlim(1e-4, 1)
-    ax.set_xlabel("ham false-positive rate (log)")
-    ax.set_ylabel("spam recall")
-    for f in FPR_POINTS:
-        ax.axvline(f, color="grey", lw=0.5, ls="--")
-    ax.set_title(f"{title}  AUC={roc_auc(y, s):.5f}")
-    ax.grid(True, which="both", lw=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    write_roc_png(y, s, path, title=title, thresholds=thresholds, auc=roc_auc(y, s))

@@ -151,15 +151,83 @@ def erase_cmd(
             ctx.schema,
             mailbox,
             pseudonymizer=ctx.pseudonymizer,
-            sources=ctx.sources,
+            sources={} if dry_run else ctx.sources,
             subaddress_separators=ctx.config.subaddress_separators,
             dry_run=dry_run,
         )
+        if dry_run:
+            # What each owner's erase would delete: the entries its export holds
+            # (a dry run used to report 0 here, then the erase deleted them).
+            for name, source in ctx.sources.items():
+                counts[name] = _would_erase(source, mailbox)
     except _redis_errors() as exc:
         raise click.ClickException(f"Redis: {exc}") from None
     except ValueError as exc:  # an owner refused the mailbox (e.g. unparsable): say so
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
     click.echo(json.dumps({"mailbox": mailbox, "dry_run": dry_run, "deleted": counts}))
+
+
+def _would_erase(source: MailboxSource, mailbox: str) -> int:
+    count = getattr(source, "count_mailbox", None)
+    if callable(count):
+        return int(count(mailbox))
+    exported = source.export_mailbox(mailbox)
+    return len(exported.get("entries") or exported.get("records") or [])
+
+
+@records.command("find")
+@_config_option
+@_redis_option
+@click.argument("ident")
+def find_cmd(config_path: Path | None, redis_url: str | None, ident: str) -> None:
+    """SMTP-log entries for a Postfix queue id or a Message-ID, as JSON lines.
+
+    Only what rules/retention.toml keeps, while it keeps it: entries past their
+    retention are gone from Redis, and only the smtp-log kind's declared fields
+    are printed (with ``expires_in`` seconds). Exit 1 when nothing is found.
+    """
+    ctx = _open(config_path, redis_url, sources=False)
+    kind = ctx.schema.kinds.get("smtp-log")
+    searchable = [f for f in ("queue_id", "message_id") if kind and f in kind.fields]
+    if kind is None or not searchable:
+        raise click.ClickException(
+            "rules/retention.toml keeps no smtp-log queue_id or message_id: nothing to search"
+        )
+    try:
+        found = find_entries(ctx.redis, ident, searchable, list(kind.fields))
+    except _redis_errors() as exc:
+        raise click.ClickException(f"Redis: {exc}") from None
+    for entry in found:
+        click.echo(json.dumps(entry))
+    if not found:
+        click.echo(f"no smtp-log entry with {' or '.join(searchable)} {ident!r}", err=True)
+        raise SystemExit(1)
+
+
+def find_entries(
+    client: Any, ident: str, searchable: list[str], declared: list[str]
+) -> list[dict[str, Any]]:
+    """Scan the smtp-log entries (SCAN, never KEYS) for a queue id or Message-ID."""
+    from filterd.records import keys
+
+    wanted = ident.strip()
+    bare = wanted.strip("<>")
+    found: list[dict[str, Any]] = []
+    for key in client.scan_iter(match=keys.log_key("*"), count=1000):
+        raw = client.get(key)
+        if raw is None:
+            continue
+        try:
+            fields = json.loads(raw)
+        except ValueError:
+            continue
+        values = {str(fields.get(name) or "") for name in searchable}
+        if wanted in values or bare in {v.strip("<>") for v in values if v}:
+            entry = {name: fields[name] for name in declared if name in fields}
+            entry["expires_in"] = int(client.ttl(key))
+            found.append(entry)
+    found.sort(key=lambda e: float(e.get("timestamp") or 0))
+    return found
 
 
 @records.command("audit")
@@ -235,7 +303,8 @@ def stats(
     if png is not None:
         from filterd.records.chart import write_png
 
-        write_png(result, cols, png)
+        today = datetime.now(UTC).date()
+        write_png(result, cols, png, start=since, end=today if since is not None else None)
         click.echo(f"chart written to {png}", err=True)
 
 

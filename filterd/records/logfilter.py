@@ -48,6 +48,13 @@ def _is_public_ip(text: str) -> bool:
     return not ip.is_loopback
 
 
+def _mask_address(match: re.Match[str]) -> str:
+    """Mask an address; a bare wildcard local part (``*@domain``, ``*@*.domain``, the
+    allowlist's own syntax and help text) names no mailbox and stays readable."""
+    text = match.group()
+    return text if text.startswith("*@") else ADDRESS_MASK
+
+
 class Redactor:
     """Masks addresses and IPs in text according to what the schema allows."""
 
@@ -63,7 +70,7 @@ class Redactor:
 
     def text(self, value: str) -> str:
         if not self.allow_addresses:
-            value = _EMAIL.sub(ADDRESS_MASK, value)
+            value = _EMAIL.sub(_mask_address, value)
         if not self.allow_ips:
             for pattern in (_IPV6, _IPV4):
                 value = pattern.sub(

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+from filterd.services import clamd as private_clamd
 from filterd.services.clamd import ClamdServer
 from filterd.services.redis import RedisServer, private_state_dir
 from filterd.settings import Settings
@@ -29,7 +30,6 @@ def private_services(settings: Settings) -> Iterator[dict[str, str]]:
     clamd uses the system's freshclam database when there is one, else the
     project's own signatures.
     """
-    state = settings.resolve_path(settings.daemon.state_dir)
     overrides: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         if not settings.redis.url:
@@ -46,8 +46,9 @@ def private_services(settings: Settings) -> Iterator[dict[str, str]]:
                 if _has_signatures(SYSTEM_CLAMAV_DB)
                 else settings.resolve_path("rules/clamav-sigs")
             )
-            (state / "clamd").mkdir(parents=True, exist_ok=True)
-            clamd = stack.enter_context(ClamdServer(state / "clamd", db, unix_socket=True))
+            workdir = private_clamd.private_state_dir(settings)
+            workdir.mkdir(parents=True, exist_ok=True)
+            clamd = stack.enter_context(ClamdServer(workdir, db, unix_socket=True))
             overrides["FILTERD_ANTIVIRUS_ADDRESS"] = clamd.address
             log.info("started private clamd", extra={"address": clamd.address, "db": str(db)})
         yield overrides
