@@ -35,9 +35,9 @@ class Observer(Protocol):
 def _observers(settings: Settings, client: redis.Redis | None) -> list[Observer]:
     if "records" not in settings.sections or client is None:
         return []
-    from filterd.records.observer import build_observer
+    from filterd.records.observer import build_daemon_observer
 
-    observer = build_observer(settings.section("records"), client)
+    observer = build_daemon_observer(settings.section("records"), client)
     return [] if observer is None else [observer]
 
 
@@ -81,6 +81,8 @@ class Runtime:
 
     def _close(self) -> None:
         self.pipeline.close()
+        for observer in self.observers:  # records still queued are written first
+            getattr(observer, "close", lambda: None)()
         if self.services.redis is not None:
             self.services.redis.close()
 
