@@ -40,6 +40,7 @@ RETENTION = "user-content: until the user removes it (no TTL)"
 KEYSPACE: dict[str, str] = {
     f"{PREFIX}mbox:<mailbox>": f"set of canonical entries; retention {RETENTION}",
     f"{PREFIX}dom:<domain>": f"set of canonical entries; retention {RETENTION}",
+    f"{PREFIX}rev:<list key>": f"API token revocation counter; retention {RETENTION}",
 }
 
 
@@ -49,6 +50,11 @@ def mailbox_key(mailbox: str) -> str:
 
 def domain_key(domain: str) -> str:
     return f"{PREFIX}dom:{domain}"
+
+
+def revocation_key(list_key: str) -> str:
+    """``list_key`` is ``Target.key`` (``alice@example.org`` or ``@example.org``)."""
+    return f"{PREFIX}rev:{list_key}"
 
 
 def target_key(target: Target) -> str:
@@ -210,13 +216,22 @@ class AllowlistStore:
             "entries": self.entries(target),
         }
 
+    def token_generation(self, target: Target) -> int:
+        """The list's API token generation: tokens of an older one are revoked."""
+        value = self.redis.get(revocation_key(target.key))
+        return int(_text(value)) if value is not None else 0
+
+    def revoke_tokens(self, target: Target) -> int:
+        """Revoke every API token of this list (only this list); the new generation."""
+        return int(self.redis.incr(revocation_key(target.key)))  # type: ignore[arg-type]
+
     def erase_mailbox(self, mailbox: str) -> int:
         """Delete a mailbox's list; returns how many entries it held."""
         target = parse_target(mailbox, self.config)
         key = target_key(target)
         pipe = self.redis.pipeline(transaction=True)
         pipe.scard(key)
-        pipe.delete(key)
+        pipe.delete(key, revocation_key(target.key))
         count, _ = pipe.execute()
         return int(count)
 
