@@ -23,6 +23,7 @@ the next message without any reconnect logic.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -41,6 +42,11 @@ OversizeAction = Literal["reject", "tempfail", "accept_with_header"]
 
 OVERSIZE_REJECT = SmtpReply(552, "5.3.4", "Message too big to be scanned for viruses")
 OVERSIZE_TEMPFAIL = SmtpReply(452, "4.3.1", "Message too big to scan now; try again later")
+# clamd's own Max* limits (AlertExceedsMax yes): a small message with an archive member
+# over MaxFileSize, say -- "too big" would mislead the sender.
+LIMITS_REJECT = SmtpReply(
+    554, "5.7.1", "Message cannot be fully scanned for viruses (an archive exceeds scan limits)"
+)
 
 
 class Config(Section):
@@ -97,7 +103,13 @@ class AntivirusCheck:
     def findings(self, result: ScanResult) -> list[Finding]:
         """Turn a clamd verdict into findings (public for `filterd scan` and tests)."""
         if result.too_large:
-            return [self._oversize(_limit_detail(result, self.config.max_scan_bytes))]
+            finding = self._oversize(_limit_detail(result, self.config.max_scan_bytes))
+            if finding.reply == OVERSIZE_REJECT and result.limit not in (
+                "StreamMaxLength",
+                "max_scan_bytes",
+            ):
+                finding = replace(finding, reply=LIMITS_REJECT)
+            return [finding]
         if result.signature is None:
             return []
         name = result.signature

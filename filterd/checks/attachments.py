@@ -14,7 +14,15 @@ Archives that cannot be looked into are not waved through by accident:
   encrypted members are still checked first;
 - zips nested deeper than ``max_zip_depth``, with more than ``max_zip_members``
   members, bigger than ``max_unpack_bytes`` when unpacked, or damaged get
-  ``uninspectable_action`` (default ``reject``).
+  ``uninspectable_action`` (default ``reject``);
+- zips whose content the virus scanner would not look into -- ZIP64 members
+  (clamd does not unpack them: a test virus inside one is "OK") and members
+  declared bigger than ``max_scannable_member_bytes`` (keep it at clamd's
+  ``MaxFileSize``; clamd skips bigger members) -- get ``unscannable_action``:
+  ``reject`` (default, ``554 5.7.1 archive not accepted: the virus scanner
+  cannot look inside it (...)``) or ``accept``, which marks the message
+  ``X-Filterd-Unchecked: attachments`` and counts it (``stats()``), never
+  passing it as scanned.
 
 Only zip is unpacked here (clamd unpacks many more formats for viruses). Every
 refusal is ``554 5.7.1`` naming the type, never the sender's file name; the
@@ -25,7 +33,9 @@ Nothing is quarantined.
 from __future__ import annotations
 
 import struct
+import threading
 import tomllib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +60,11 @@ OBSTACLE_TEXT = {
     "members": "too many files in archive",
     "bytes": "archive too large to unpack",
     "damaged": "damaged archive",
+    "structure": "message structure too complex",
+}
+UNSCANNABLE_TEXT = {
+    "zip64": "ZIP64 archive",
+    "scan-size": "archive member too large to scan",
 }
 
 
@@ -63,6 +78,11 @@ class Config(Section):
     max_unpack_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     encrypted_archive_action: ArchiveAction = "reject"
     uninspectable_action: ArchiveAction = "reject"
+    # ZIP64 members and members bigger than max_scannable_member_bytes: the virus
+    # scanner would not look inside. reject (554) | accept (X-Filterd-Unchecked, counted).
+    unscannable_action: ArchiveAction = "reject"
+    # Keep at clamd's MaxFileSize (clamd skips bigger archive members unscanned).
+    max_scannable_member_bytes: int = Field(default=100 * 1024 * 1024, ge=1)
     on_failure: OnFailure = "tempfail"
 
 
@@ -283,7 +303,19 @@ class AttachmentsCheck:
             max_members=config.max_zip_members,
             max_bytes=config.max_unpack_bytes,
             spool_dir=spool_dir or None,
+            max_scan_member_bytes=config.max_scannable_member_bytes,
         )
+        self._stats: Counter[str] = Counter()
+        self._stats_lock = threading.Lock()
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: ``unscannable_accepted``, ``unscannable_rejected``..."""
+        with self._stats_lock:
+            return dict(self._stats)
+
+    def _count(self, key: str) -> None:
+        with self._stats_lock:
+            self._stats[key] += 1
 
     def close(self) -> None:
         """Nothing to release."""
@@ -359,6 +391,11 @@ class AttachmentsCheck:
         if obstacle.kind == "encrypted":
             code, action = "ENCRYPTED_ARCHIVE", rules.encrypted_action
             text = "encrypted archive not accepted: its content cannot be checked"
+        elif obstacle.kind in UNSCANNABLE_TEXT:
+            code, action = "ARCHIVE_UNINSPECTABLE", self.config.unscannable_action
+            what = UNSCANNABLE_TEXT[obstacle.kind]
+            text = f"archive not accepted: the virus scanner cannot look inside it ({what})"
+            self._count(f"unscannable_{'rejected' if action == 'reject' else 'accepted'}")
         else:
             code, action = "ARCHIVE_UNINSPECTABLE", self.config.uninspectable_action
             text = f"archive not accepted: it cannot be checked ({OBSTACLE_TEXT[obstacle.kind]})"
