@@ -48,6 +48,8 @@ from email.utils import collapse_rfc2231_value
 from typing import IO, Literal
 from urllib.parse import unquote
 
+from filterd import deadline
+
 # Enough for every magic the check knows (ISO 9660 at 0x8001..0x9006).
 SNIFF_BYTES = 40 * 1024
 # The end of a complete item: a zip's end record lies in its last 64 KiB + 22 bytes.
@@ -94,6 +96,11 @@ class WalkLimits:
     # Zip members declared bigger than this are reported as "scan-size" (keep it at
     # clamd's MaxFileSize: clamd skips bigger members). None: not checked.
     max_scan_member_bytes: int | None = None
+    # MIME entities (parts, attached messages) walked; beyond it a "structure"
+    # obstacle ends the walk (10^5 parts cost ~18 CPU-s to walk).
+    max_parts: int = 1000
+    # Multipart / attached-message nesting; deeper is a "structure" obstacle too.
+    max_nesting: int = MAX_MIME_NESTING
 
 
 @dataclass(frozen=True)
@@ -277,7 +284,10 @@ def walk(chunks: Iterable[bytes], limits: WalkLimits | None = None) -> Iterator[
     ``chunks`` is the raw message (``Message.iter_raw()``), in pieces of any size.
     """
     walker = _Walker(limits or WalkLimits())
-    yield from walker.entity(_Reader(chunks), _Stack(()), 0, "text/plain")
+    try:
+        yield from walker.entity(_Reader(chunks), _Stack(()), 0, "text/plain")
+    except _StopWalk:
+        return
 
 
 class _Stack:
@@ -503,11 +513,16 @@ def _header(part: Message, name: str) -> str:
         return ""
 
 
+class _StopWalk(Exception):
+    """A structure limit was reached: the walk ends after its obstacle."""
+
+
 class _Walker:
     def __init__(self, limits: WalkLimits) -> None:
         self.limits = limits
         self.budget = _Budget(limits)
         self.parts = 0
+        self.entities = 0
 
     def entity(
         self,
@@ -517,9 +532,11 @@ class _Walker:
         default_type: str,
     ) -> _Walked:
         """One message or body part, up to the boundary line that ends it (returned)."""
-        if nesting > MAX_MIME_NESTING:
-            yield Obstacle(f"part {self.parts}", 0, "depth")
-            return _Body(reader, stack).drain()
+        deadline.check()
+        self.entities += 1
+        if nesting > self.limits.max_nesting or self.entities > self.limits.max_parts:
+            yield Obstacle(f"part {self.parts}", 0, "structure")
+            raise _StopWalk
         lines, ended = _read_headers(reader, stack)
         part = _parse_headers(lines, default_type)
         try:
@@ -869,6 +886,7 @@ def _item(item: Item, budget: _Budget) -> Iterator[Item | Obstacle]:
         yield Obstacle(location, depth, "zip64")
     scan_limit = budget.limits.max_scan_member_bytes
     for number, info in enumerate(files, 1):
+        deadline.check()
         where = f"{location} > member {number}"
         if _is_zip64(info) or _local_zip64(item.content, info):
             yield Obstacle(where, depth + 1, "zip64")

@@ -12,10 +12,12 @@ import importlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 from typing import Any
 
+from filterd import deadline as _deadline
 from filterd import policy
 from filterd.checks.base import Check, MessageCheck, RecipientCheck, Services
 from filterd.settings import Settings
@@ -98,27 +100,45 @@ class Pipeline:
         """Run calls concurrently in the pool, every one bounded by ``deadline``.
 
         None runs inline: a check blocked in I/O (a hung Redis) would otherwise
-        hold the reply past the budget and past Postfix's milter timeout.
+        hold the reply past the budget and past Postfix's milter timeout. A
+        non-bypassable refusal ends the wait (nothing can overturn it), and checks
+        still running are told to stop (``filterd.deadline``), so no CPU is spent
+        on a message after its reply. Findings keep the configured check order.
         """
         if not calls:
             return []
-        futures: list[tuple[Check, Future[tuple[Sequence[Finding], float]]]] = [
-            (check, self._pool.submit(_timed, fn)) for check, fn in calls
-        ]
-        findings: list[Finding] = []
-        for check, future in futures:
-            try:
-                result, spent = future.result(timeout=max(0.0, deadline - time.monotonic()))
-                timings[check.name] = timings.get(check.name, 0.0) + spent
-                findings.extend(result)
-            except FutureTimeout:
-                future.cancel()
+        budget = _deadline.Budget(deadline)
+        futures: dict[Future[tuple[Sequence[Finding], float]], int] = {
+            self._pool.submit(_deadline.run, budget, partial(_timed, fn)): index
+            for index, (_check, fn) in enumerate(calls)
+        }
+        results: dict[int, list[Finding]] = {}
+        try:
+            for future in as_completed(futures, timeout=max(0.0, deadline - time.monotonic())):
+                index = futures.pop(future)
+                check = calls[index][0]
+                try:
+                    result, spent = future.result()
+                    timings[check.name] = timings.get(check.name, 0.0) + spent
+                    results[index] = list(result)
+                except Exception as exc:  # noqa: BLE001 - a check's failure is evidence
+                    log.warning("check %s failed: %s", check.name, exc)
+                    results[index] = [_failure(check, f"{type(exc).__name__}: {exc}")]
+                if any(f.effect is Effect.REJECT and not f.bypassable for f in results[index]):
+                    break
+        except FutureTimeout:
+            pass
+        refused = any(
+            f.effect is Effect.REJECT and not f.bypassable for r in results.values() for f in r
+        )
+        for future, index in futures.items():
+            future.cancel()
+            if not refused:  # really out of time, not cut short by a refusal
+                check = calls[index][0]
                 log.warning("check %s timed out", check.name)
-                findings.append(_failure(check, "timed out"))
-            except Exception as exc:  # noqa: BLE001
-                log.warning("check %s failed: %s", check.name, exc)
-                findings.append(_failure(check, f"{type(exc).__name__}: {exc}"))
-        return findings
+                results[index] = [_failure(check, "timed out")]
+        budget.abandoned.set()  # whatever still runs stops at its next step
+        return [f for index in sorted(results) for f in results[index]]
 
     def recipient_findings(
         self, envelope: Envelope, recipient: str, timings: dict[str, float] | None = None

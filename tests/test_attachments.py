@@ -474,7 +474,7 @@ def test_deep_mime_nesting_is_bounded(check: AttachmentsCheck) -> None:
         raw += b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (level, level)
     raw += b"Content-Type: text/plain\r\n\r\nhi\r\n"
     findings = run(check, raw)
-    assert codes(findings) == ["ARCHIVE_UNINSPECTABLE"]
+    assert codes(findings) == ["MESSAGE_STRUCTURE"]  # 554 5.6.0 (issue 15 item 3)
 
 
 # -- by declared content type ------------------------------------------------------------------

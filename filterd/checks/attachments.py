@@ -15,6 +15,9 @@ Archives that cannot be looked into are not waved through by accident:
 - zips nested deeper than ``max_zip_depth``, with more than ``max_zip_members``
   members, bigger than ``max_unpack_bytes`` when unpacked, or damaged get
   ``uninspectable_action`` (default ``reject``);
+- a message with more than ``max_mime_parts`` MIME parts or nested deeper than
+  ``max_mime_nesting`` is refused with ``554 5.6.0`` (structurally abusive;
+  the walk stops there instead of spending seconds of CPU on every retry);
 - zips whose content the virus scanner would not look into -- ZIP64 members
   (clamd does not unpack them: a test virus inside one is "OK") and members
   declared bigger than ``max_scannable_member_bytes`` (keep it at clamd's
@@ -43,6 +46,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from filterd import deadline
 from filterd.checks.base import OnFailure, Services
 from filterd.mime_walk import Item, Obstacle, WalkLimits, walk
 from filterd.settings import ConfigError, Section
@@ -60,8 +64,8 @@ OBSTACLE_TEXT = {
     "members": "too many files in archive",
     "bytes": "archive too large to unpack",
     "damaged": "damaged archive",
-    "structure": "message structure too complex",
 }
+STRUCTURE_REPLY = SmtpReply(554, "5.6.0", "message structure too complex to be checked")
 UNSCANNABLE_TEXT = {
     "zip64": "ZIP64 archive",
     "scan-size": "archive member too large to scan",
@@ -83,6 +87,10 @@ class Config(Section):
     unscannable_action: ArchiveAction = "reject"
     # Keep at clamd's MaxFileSize (clamd skips bigger archive members unscanned).
     max_scannable_member_bytes: int = Field(default=100 * 1024 * 1024, ge=1)
+    # MIME parts (attached messages included) and nesting walked per message; beyond
+    # either the message is refused: 554 5.6.0 (structurally abusive, retrying won't help).
+    max_mime_parts: int = Field(default=1000, ge=1)
+    max_mime_nesting: int = Field(default=30, ge=1, le=100)
     on_failure: OnFailure = "tempfail"
 
 
@@ -304,6 +312,8 @@ class AttachmentsCheck:
             max_bytes=config.max_unpack_bytes,
             spool_dir=spool_dir or None,
             max_scan_member_bytes=config.max_scannable_member_bytes,
+            max_parts=config.max_mime_parts,
+            max_nesting=config.max_mime_nesting,
         )
         self._stats: Counter[str] = Counter()
         self._stats_lock = threading.Lock()
@@ -349,6 +359,7 @@ class AttachmentsCheck:
         findings: dict[tuple[str, str], Finding] = {}
         # Streamed from the spool: memory does not grow with the message (see mime_walk).
         for entry in walk(message.iter_raw(), self.limits):
+            deadline.check()  # the pipeline replied already: stop walking
             found = (
                 self._obstacle(entry, rules)
                 if isinstance(entry, Obstacle)
@@ -388,6 +399,20 @@ class AttachmentsCheck:
 
     def _obstacle(self, obstacle: Obstacle, rules: _Rules) -> list[Finding]:
         where = f"{obstacle.location} (depth {obstacle.depth})"
+        if obstacle.kind == "structure":
+            limits = f"max_mime_parts={self.limits.max_parts}, max_mime_nesting="
+            detail = f"{where}: {limits}{self.limits.max_nesting}"
+            self._count("structure_rejected")
+            return [
+                Finding(
+                    check=NAME,
+                    code="MESSAGE_STRUCTURE",
+                    detail=detail,
+                    effect=Effect.REJECT,
+                    reply=STRUCTURE_REPLY,
+                    bypassable=False,
+                )
+            ]
         if obstacle.kind == "encrypted":
             code, action = "ENCRYPTED_ARCHIVE", rules.encrypted_action
             text = "encrypted archive not accepted: its content cannot be checked"
