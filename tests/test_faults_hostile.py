@@ -7,6 +7,7 @@ Real Postfix -> real daemon -> real clamd. CPU and memory are read from the daem
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -65,6 +66,7 @@ def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClamdServer]:
         yield server
 
 
+@contextlib.contextmanager
 def stack(
     base: Path, clamd: ClamdServer, **attachments: object
 ) -> Iterator[tuple[DaemonProcess, PostfixServer]]:
@@ -106,7 +108,7 @@ def test_100k_mime_parts_get_a_fast_554_and_no_cpu_after_the_reply(
     tmp_path: Path, clamd: ClamdServer
 ) -> None:
     base = make_reachable(tmp_path)
-    for daemon, postfix in stack(base, clamd):
+    with stack(base, clamd) as (daemon, postfix):
         elapsed, result, cpu_after = after_reply_cpu(daemon, postfix.port, many_parts(100_000))
         assert result.data is not None and result.data.code == 554, result
         assert "5.6.0" in result.data.text
@@ -119,7 +121,7 @@ def test_checks_stop_at_the_budget_when_no_limit_catches_the_message(
 ) -> None:
     # Limits set out of reach: only the 4 s budget stops the walk.
     base = make_reachable(tmp_path)
-    for daemon, postfix in stack(base, clamd, max_mime_parts=10_000_000, max_mime_nesting=100):
+    with stack(base, clamd, max_mime_parts=10_000_000, max_mime_nesting=100) as (daemon, postfix):
         elapsed, result, cpu_after = after_reply_cpu(daemon, postfix.port, many_parts(100_000))
         assert result.data is not None and result.data.code == 451, result
         assert elapsed < 4.0 + 3.0, f"reply after {elapsed:.1f}s"
@@ -130,7 +132,7 @@ def test_huge_headers_in_concurrent_messages_keep_memory_bounded(
     tmp_path: Path, clamd: ClamdServer
 ) -> None:
     base = make_reachable(tmp_path)
-    for daemon, postfix in stack(base, clamd):
+    with stack(base, clamd) as (daemon, postfix):
         assert daemon.proc is not None
         pid = daemon.proc.pid
         ok = send_mail(postfix.port, FROM, [TO], b"Subject: warm-up\n\nhello\n")
@@ -140,9 +142,9 @@ def test_huge_headers_in_concurrent_messages_keep_memory_bounded(
         barrier = threading.Barrier(4)
         port = postfix.port
 
-        def one(_n: int, port: int = port, msg: bytes = message) -> SmtpResult:
+        def one(_n: int) -> SmtpResult:
             barrier.wait()
-            return send_mail(port, FROM, [TO], msg, timeout=120)
+            return send_mail(port, FROM, [TO], message, timeout=120)
 
         with ThreadPoolExecutor(4) as pool:
             results = list(pool.map(one, range(4)))
