@@ -873,7 +873,8 @@ def _item(item: Item, budget: _Budget) -> Iterator[Item | Obstacle]:
         if item.head.startswith(_ZIP_LOCAL):
             yield Obstacle(location, depth, "damaged")
         return
-    files = [i for i in infos if not i.is_dir()]
+    # An empty name (a NUL at its start) is a file; zipfile's is_dir() would raise on it.
+    files = [i for i in infos if not i.filename.endswith("/")]
     encrypted = any(i.flag_bits & 0x1 for i in files)
     yield replace(item, members=tuple(i.filename for i in files), encrypted=encrypted)
     budget.members += len(files)
