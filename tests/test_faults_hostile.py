@@ -110,6 +110,7 @@ def test_100k_mime_parts_get_a_fast_554_and_no_cpu_after_the_reply(
     base = make_reachable(tmp_path)
     with stack(base, clamd) as (daemon, postfix):
         elapsed, result, cpu_after = after_reply_cpu(daemon, postfix.port, many_parts(100_000))
+        print(f"10^5 parts: reply after {elapsed:.2f}s, {cpu_after:.2f} CPU-s after it")
         assert result.data is not None and result.data.code == 554, result
         assert "5.6.0" in result.data.text
         assert elapsed < 8.0, f"verdict after {elapsed:.1f}s"
@@ -123,6 +124,7 @@ def test_checks_stop_at_the_budget_when_no_limit_catches_the_message(
     base = make_reachable(tmp_path)
     with stack(base, clamd, max_mime_parts=10_000_000, max_mime_nesting=100) as (daemon, postfix):
         elapsed, result, cpu_after = after_reply_cpu(daemon, postfix.port, many_parts(100_000))
+        print(f"budget only: reply after {elapsed:.2f}s, {cpu_after:.2f} CPU-s after it")
         assert result.data is not None and result.data.code == 451, result
         assert elapsed < 4.0 + 3.0, f"reply after {elapsed:.1f}s"
         assert cpu_after < 1.0, f"{cpu_after:.1f} CPU-s burnt after the reply"
@@ -152,4 +154,5 @@ def test_huge_headers_in_concurrent_messages_keep_memory_bounded(
             # Defined verdict: treated as oversize (here oversize_action = reject).
             assert result.data is not None and result.data.code == 552, result
         growth = peak_rss_mb(pid) - baseline
+        print(f"4 x 8 MB of headers: peak RSS {baseline:.0f} -> {baseline + growth:.0f} MB")
         assert growth < 24, f"peak RSS grew {growth:.0f} MB for 4 x 8 MB of headers"
