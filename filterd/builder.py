@@ -3,7 +3,10 @@
 The body is spooled: up to ``memory_spool_bytes`` in memory, then in a
 temporary file, and nothing at all beyond ``max_message_bytes`` (the size is
 still counted, and the message is marked oversize so the policy can give it
-its configured verdict instead of judging half a message).
+its configured verdict instead of judging half a message). Headers are held in
+memory (every check reads them), so at most ``max_header_bytes`` of them: past
+that the message is oversize too and what was held is released at once (four
+concurrent messages with 23.6 MB of headers once took the daemon to 1.27 GB).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class MessageBuilder:
         self._config = config
         self.envelope = envelope
         self._headers: list[bytes] = []
+        self._header_bytes = 0
         self._size = 0
         self._oversize = False
         self._lock = threading.Lock()
@@ -32,10 +36,16 @@ class MessageBuilder:
         )
 
     def add_header(self, name: bytes, value: bytes) -> None:
-        line = name + b": " + value + b"\r\n"
-        self._account(len(line))
-        if not self._oversize:
-            self._headers.append(line)
+        size = len(name) + len(value) + 4
+        self._account(size)
+        self._header_bytes += size
+        if self._header_bytes > self._config.max_header_bytes and not self._oversize:
+            self._oversize = True
+            self._spool.truncate(0)
+        if self._oversize:
+            self._headers.clear()
+            return
+        self._headers.append(name + b": " + value + b"\r\n")
 
     def add_body(self, chunk: bytes) -> None:
         self._account(len(chunk))

@@ -10,12 +10,13 @@ disagree about where data lives.
 key (below ``filterd:v1:``)    type  content                        retention kind       writer
 =============================  ====  =============================  ===================  =========
 ``rec:log:<record-id>``        str   one SMTP log entry (JSON)      smtp-log             records
-``rec:idx:<mailbox-token>``    set   record ids naming a mailbox    mailbox-index        records
+``rec:idx:<mailbox-token>``    zset  record ids by arrival time     mailbox-index        records
 ``stats:<YYYY-MM-DD>``         hash  ``action|reason`` -> count     daily-counters       records
 ``rec:abuse:<record-id>``      str   client IP + reason (JSON)      abuse-evidence       records
 ``rec:pkey:<epoch>``           str   pseudonym key of a period      pseudonym-key        records
 ``allow:mbox:<mailbox>``       set   a mailbox's allowlist          allowlist            allowlist
 ``allow:dom:<domain>``         set   a hosted domain's allowlist    allowlist            allowlist
+``allow:rev:<list>``           str   API token revocation counter   allowlist            allowlist
 ``rl:{u:<login>}:b:<limit>``   str   GCRA state of one window       rate-limit-state     outbound
 ``rl:{u:<login>}:o``           hash  an admin's per-account limits  rate-limit-override  outbound
 ``rl:{ip:<addr>}:b|o…``              the same per client IP         ...-ip twins         outbound
@@ -66,6 +67,7 @@ PSEUDONYM_KEY = "rec:pkey:"
 ALLOW = "allow:"
 ALLOW_MAILBOX = "allow:mbox:"
 ALLOW_DOMAIN = "allow:dom:"
+ALLOW_REVOCATION = "allow:rev:"
 RATELIMIT = "rl:"
 OUTBOUND = "ob:"
 
@@ -88,6 +90,16 @@ KINDS: dict[str, str] = {
 # one atomic step on one key, so no replica, failover or cut connection can leave the
 # key without a TTL. Kept short: its text travels with every call (EVAL, not EVALSHA,
 # so a freshly promoted master with an empty script cache needs no NOSCRIPT retry).
+# KEYS[1] a mailbox index; ARGV[1] its TTL in seconds; ARGV[2] now (epoch s); ARGV[3] the
+# record id. Entries older than the retention tag are dropped on every write, so a mailbox
+# that gets mail weekly keeps no timeline beyond its tag; trim, add and expiry are one step.
+INDEX_WRITE = """\
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (tonumber(ARGV[2]) - tonumber(ARGV[1])))
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
 WRITE_WITH_EXPIRY = """\
 local r = redis.call(ARGV[2], KEYS[1], unpack(ARGV, 3))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
@@ -168,7 +180,13 @@ ALLOW_RETENTION = "user-content: until the user removes it (no TTL)"
 ALLOW_KEYSPACE: dict[str, str] = {
     f"{PREFIX}{ALLOW_MAILBOX}<mailbox>": f"set of canonical entries; retention {ALLOW_RETENTION}",
     f"{PREFIX}{ALLOW_DOMAIN}<domain>": f"set of canonical entries; retention {ALLOW_RETENTION}",
+    f"{PREFIX}{ALLOW_REVOCATION}<list key>": f"API token revocation counter; {ALLOW_RETENTION}",
 }
+
+
+def allow_revocation_key(list_key: str) -> str:
+    """``list_key`` is ``Target.key`` (``alice@example.org`` or ``@example.org``)."""
+    return f"{PREFIX}{ALLOW_REVOCATION}{list_key}"
 
 
 def allow_mailbox_key(mailbox: str) -> str:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from functools import partial
 
+from filterd import deadline as _deadline
 from filterd import policy
 from filterd.checks import REGISTRY
 from filterd.checks.base import Check, MessageCheck, RecipientCheck, Services
@@ -106,39 +108,61 @@ class Pipeline:
         Checks that wait (clamd, DNS, Redis) are handed to the pool first, so their
         I/O is under way while this thread runs the CPU-bound ones (``cpu_bound``:
         the attachment walk) one after another: on one GIL, CPU work in parallel
-        threads only adds hand-offs. Without CPU-bound checks the first check runs
-        here, the others in the pool, as before.
+        threads only adds hand-offs. Nothing that can block in I/O runs inline: a
+        hung Redis would otherwise hold the reply past the budget and Postfix's
+        milter timeout. Inline checks stop at the budget cooperatively
+        (``filterd.deadline``). A non-bypassable refusal ends the wait (nothing can
+        overturn it), and checks still running are told to stop, so no CPU is
+        spent on a message after its reply.
         """
         if not checks:
             return []
+        budget = _deadline.Budget(deadline)
         inline = [c for c in checks if self._inline_cpu and getattr(c, "cpu_bound", False)]
-        pooled = [c for c in checks if c not in inline]
-        if not inline:
-            inline, pooled = pooled[:1], pooled[1:]
-        futures: list[tuple[Check, Future[tuple[Sequence[Finding], float]]]] = [
-            (check, self._pool.submit(_timed, check, work)) for check in pooled
-        ]
+        futures: dict[Future[tuple[Sequence[Finding], float]], Check] = {
+            self._pool.submit(_deadline.run, budget, partial(_timed, check, work)): check
+            for check in checks
+            if check not in inline
+        }
         results: dict[str, list[Finding]] = {}
+
+        def record(check: Check, outcome: tuple[Sequence[Finding], float] | Exception) -> bool:
+            """Keep a check's findings; True when they refuse for good."""
+            if isinstance(outcome, Exception):
+                log.warning("check %s failed: %s", check.name, outcome)
+                results[check.name] = [_failure(check, f"{type(outcome).__name__}: {outcome}")]
+            else:
+                timings[check.name] = timings.get(check.name, 0.0) + outcome[1]
+                results[check.name] = list(outcome[0])
+            return any(f.effect is Effect.REJECT and not f.bypassable for f in results[check.name])
+
+        refused = False
         for check in inline:
             try:
-                result, spent = _timed(check, work)
-                timings[check.name] = timings.get(check.name, 0.0) + spent
-                results[check.name] = list(result)
+                refused = record(check, _deadline.run(budget, partial(_timed, check, work)))
             except Exception as exc:  # noqa: BLE001 - a check's failure is evidence
-                log.warning("check %s failed: %s", check.name, exc)
-                results[check.name] = [_failure(check, f"{type(exc).__name__}: {exc}")]
-        for check, future in futures:
-            try:
-                result, spent = future.result(timeout=max(0.0, deadline - time.monotonic()))
-                timings[check.name] = timings.get(check.name, 0.0) + spent
-                results[check.name] = list(result)
-            except FutureTimeout:
-                future.cancel()
+                refused = record(check, exc)
+            if refused:
+                break
+        try:
+            if not refused:
+                for future in as_completed(futures, timeout=max(0.0, deadline - time.monotonic())):
+                    check = futures.pop(future)
+                    try:
+                        outcome: tuple[Sequence[Finding], float] | Exception = future.result()
+                    except Exception as exc:  # noqa: BLE001
+                        outcome = exc
+                    if record(check, outcome):
+                        refused = True
+                        break
+        except FutureTimeout:
+            pass
+        for future, check in futures.items():
+            future.cancel()
+            if not refused:  # really out of time, not cut short by a refusal
                 log.warning("check %s timed out", check.name)
                 results[check.name] = [_failure(check, "timed out")]
-            except Exception as exc:  # noqa: BLE001
-                log.warning("check %s failed: %s", check.name, exc)
-                results[check.name] = [_failure(check, f"{type(exc).__name__}: {exc}")]
+        budget.abandoned.set()  # whatever still runs stops at its next step
         return [f for check in checks for f in results.get(check.name, [])]
 
     def recipient_findings(

@@ -52,8 +52,10 @@ GENERIC_TEMPFAIL = SmtpReply(
 SPAM_REPLY = SmtpReply(550, "5.7.1", "Message refused: it looks like spam to our content filter")
 
 # The one oversize table: what was too big ("message": the body was not kept in
-# full; "scan": bigger than the virus scanner takes) x the configured action.
-OversizeScope = Literal["message", "scan"]
+# full; "scan": bigger than the virus scanner takes; "limits": a small message with
+# content over clamd's own Max* limits, where "too big" would mislead the sender)
+# x the configured action.
+OversizeScope = Literal["message", "scan", "limits"]
 OVERSIZE_REPLIES: dict[tuple[OversizeScope, Action], SmtpReply] = {
     ("message", Action.REJECT): SmtpReply(552, "5.3.4", "Message too big for the content filter"),
     ("message", Action.TEMPFAIL): SmtpReply(
@@ -62,6 +64,12 @@ OVERSIZE_REPLIES: dict[tuple[OversizeScope, Action], SmtpReply] = {
     ("scan", Action.REJECT): SmtpReply(552, "5.3.4", "Message too big to be scanned for viruses"),
     ("scan", Action.TEMPFAIL): SmtpReply(
         452, "4.3.1", "Message too big to scan now; try again later"
+    ),
+    ("limits", Action.REJECT): SmtpReply(
+        554, "5.7.1", "Message cannot be fully scanned for viruses (an archive exceeds scan limits)"
+    ),
+    ("limits", Action.TEMPFAIL): SmtpReply(
+        452, "4.3.1", "Message cannot be fully scanned now; try again later"
     ),
 }
 _OVERSIZE_ACTIONS = {

@@ -39,9 +39,9 @@ def _observers(settings: Settings, client: RedisClient | None) -> list[Observer]
 
     found: list[Observer | None] = [metrics_observer(settings)]
     if "records" in settings.sections and client is not None:
-        from filterd.records.observer import build_observer
+        from filterd.records.observer import build_daemon_observer
 
-        found.append(build_observer(settings.section("records"), client))
+        found.append(build_daemon_observer(settings.section("records"), client))
     return [o for o in found if o is not None]
 
 
@@ -109,6 +109,8 @@ class Runtime:
     def _close(self) -> None:
         self.outbound.close()
         self.pipeline.close()
+        for observer in self.observers:  # records still queued are written first
+            getattr(observer, "close", lambda: None)()
         self._close_services()
 
     def _close_services(self) -> None:

@@ -49,6 +49,9 @@ class MilterConfig(Section):
     max_message_bytes: int = 50 * 1024 * 1024
     # Bodies up to this size stay in memory; larger ones spill to spool_dir.
     memory_spool_bytes: int = 1024 * 1024
+    # Header bytes kept per message (they are held in memory); beyond it the message
+    # is treated as oversize (`oversize_action`) and no more of it is kept.
+    max_header_bytes: int = 1024 * 1024
     spool_dir: str = ""
     oversize_action: Literal["accept", "reject", "tempfail"] = "tempfail"
     # On SIGTERM, how long in-flight messages may take before the process exits.

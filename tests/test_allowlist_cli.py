@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from filterd.allowlist.api import make_token
+from filterd.allowlist.api import check_token
 from filterd.allowlist.cli import allow
 
 pytestmark = pytest.mark.integration
@@ -87,7 +88,19 @@ def test_token_matches_the_api(run, monkeypatch: pytest.MonkeyPatch) -> None:  #
     assert run("token", "alice@example.org").exit_code == 1
     monkeypatch.setenv("FILTERD_ALLOWLIST_API_SECRET", "s3cret-s3cret-s3cret")
     result = run("token", "Alice+x@example.org")
-    assert result.output.strip() == make_token(b"s3cret-s3cret-s3cret", "alice@example.org")
+    secret = b"s3cret-s3cret-s3cret"
+    token = result.output.strip()
+    assert check_token(secret, "alice@example.org", token, generation=0) is None
+    assert abs(int(token.split(".")[0]) - time.time() - 30 * 86400) < 5  # api_token_days
+    # One list's tokens revoked: the old token is refused, a new one works, others untouched.
+    bob = run("token", "bob@example.org").output.strip()
+    revoked = run("revoke-tokens", "alice@example.org")
+    assert revoked.exit_code == 0 and "generation 1" in revoked.output
+    assert check_token(secret, "alice@example.org", token, generation=1) == "revoked"
+    fresh = run("token", "--days", "1", "alice@example.org").output.strip()
+    assert check_token(secret, "alice@example.org", fresh, generation=1) is None
+    assert abs(int(fresh.split(".")[0]) - time.time() - 86400) < 5
+    assert check_token(secret, "bob@example.org", bob, generation=0) is None
 
 
 def test_redis_down_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,11 +1,20 @@
 """A small HTTP JSON API for a customer panel: list, add and remove one mailbox's entries.
 
-Authentication is a per-list token, ``hex(HMAC-SHA256(secret, key))`` where
-``key`` is the canonical mailbox (``alice@example.org``) or ``@domain`` for a
-hosted domain's list. The panel holds the secret and computes the token for
-the user it has logged in; the token opens that one list and no other, and is
-compared in constant time. Canonical means: lower-case, IDN domain as
-punycode, sub-address folded -- ``GET`` returns the key it used.
+Authentication is a per-list token ``EXPIRES.GEN.MAC`` with
+``MAC = hex(HMAC-SHA256(secret, "filterd-allowlist-token|v2|key|EXPIRES|GEN"))``,
+where ``key`` is the canonical mailbox (``alice@example.org``) or ``@domain``
+for a hosted domain's list, ``EXPIRES`` a Unix time and ``GEN`` the list's
+revocation generation. The panel holds the secret and computes the token for
+the user it has logged in; the token opens that one list and no other, until it
+expires or the list's tokens are revoked (``filterd allow revoke-tokens LIST``
+raises the generation of that list only), and is compared in constant time.
+Failed token checks are limited per client address and per list
+(``api_max_failed_attempts`` per ``api_failed_window_seconds``, then 429): the
+limiter is in memory, so no client IP is ever stored. Canonical means:
+lower-case, IDN domain as punycode, sub-address folded; a local part that only
+case folding or NFKC turns into ASCII (Kelvin sign, long s, fullwidth letters)
+is refused, so no address folds onto another user's list -- ``GET`` returns the
+key it used.
 
 Routes (see docs/allowlist-api.yaml):
 
@@ -26,6 +35,9 @@ import ipaddress
 import json
 import logging
 import socket
+import threading
+import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,9 +61,97 @@ class ApiConfigError(Exception):
     """The API cannot start (no secret, bad listen address)."""
 
 
-def make_token(secret: bytes, key: str) -> str:
-    """The token for one list: what the panel computes for its logged-in user."""
-    return hmac.new(secret, key.encode("utf-8"), hashlib.sha256).hexdigest()
+TOKEN_CONTEXT = "filterd-allowlist-token|v2"
+DEFAULT_TOKEN_SECONDS = 30 * 86400
+
+
+def _mac(secret: bytes, key: str, expires: int, generation: int) -> str:
+    message = f"{TOKEN_CONTEXT}|{key}|{expires}|{generation}".encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def make_token(
+    secret: bytes,
+    key: str,
+    *,
+    generation: int = 0,
+    ttl: float = DEFAULT_TOKEN_SECONDS,
+    now: float | None = None,
+) -> str:
+    """The token for one list: what the panel computes for its logged-in user.
+
+    ``generation`` is the list's revocation generation (0 until its tokens are
+    first revoked; ``AllowlistStore.token_generation``).
+    """
+    expires = int((time.time() if now is None else now) + ttl)
+    return f"{expires}.{generation}.{_mac(secret, key, expires, generation)}"
+
+
+def check_token(
+    secret: bytes, key: str, token: str, generation: int, now: float | None = None
+) -> str | None:
+    """None when ``token`` opens list ``key``; else why not: forbidden | expired | revoked."""
+    expires_text, _, rest = token.partition(".")
+    gen_text, _, mac = rest.partition(".")
+    if not (expires_text.isascii() and expires_text.isdigit()):
+        return "forbidden"
+    if not (gen_text.isascii() and gen_text.isdigit()) or len(expires_text + gen_text) > 30:
+        return "forbidden"
+    expires, token_gen = int(expires_text), int(gen_text)
+    expected = _mac(secret, key, expires, token_gen).encode("ascii")
+    if not hmac.compare_digest(mac.encode("utf-8", "replace"), expected):
+        return "forbidden"
+    if token_gen != generation:
+        return "revoked"
+    if expires <= (time.time() if now is None else now):
+        return "expired"
+    return None
+
+
+class FailureLimiter:
+    """Failed token checks per client address and per list in a sliding window.
+
+    Hand-written (a few lines) because it must stay in memory: a Redis-backed
+    limiter would store client IPs next to mailbox names. Bounded: at most
+    ``max_keys`` tracked names; the oldest is forgotten first.
+    """
+
+    def __init__(self, limit: int, window: float, max_keys: int = 100000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_keys = max_keys
+        self._seen: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, name: str, now: float) -> deque[float]:
+        times = self._seen.get(name)
+        if times is None:
+            return deque()
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._seen[name]
+        return times
+
+    def blocked(self, names: list[str], now: float | None = None) -> float:
+        """Seconds until ``names`` may try again (0: not blocked)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            wait = 0.0
+            for name in names:
+                times = self._recent(name, now)
+                if len(times) >= self.limit:
+                    wait = max(wait, times[0] + self.window - now)
+            return wait
+
+    def failed(self, names: list[str], now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            for name in names:
+                self._recent(name, now)
+                if name not in self._seen and len(self._seen) >= self.max_keys:
+                    del self._seen[next(iter(self._seen))]
+                self._seen.setdefault(name, deque(maxlen=self.limit)).append(now)
 
 
 def load_secret(config: Config, base: Path | None = None) -> bytes:
@@ -108,9 +208,17 @@ class AllowlistApi:
         self.store = store
         self.config = config
         self.secret = secret
+        self.limiter = FailureLimiter(
+            config.api_max_failed_attempts, config.api_failed_window_seconds
+        )
 
     def handle(
-        self, method: str, path: str, headers: Mapping[str, str], body: bytes | None
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        client: str = "",
     ) -> Response:
         parts = urlsplit(path)
         segments = parts.path.split("/")
@@ -135,10 +243,10 @@ class AllowlistApi:
             target = parse_target(unquote(segments[3], errors="strict"), self.config)
         except (EntryError, UnicodeDecodeError) as exc:
             return _error(400, "invalid_mailbox", str(exc))
-        expected = make_token(self.secret, target.key).encode("ascii")
-        if not hmac.compare_digest(token.encode("utf-8", "replace"), expected):
-            return _error(403, "forbidden", "the token does not open this list")
         try:
+            denied = self._authenticate(target, token, client)
+            if denied is not None:
+                return denied
             if method == "GET":
                 return self._list(target)
             items = _body_entries(body, parts.query if method == "DELETE" else "", self.config)
@@ -148,6 +256,23 @@ class AllowlistApi:
         except redis.RedisError as exc:
             log.error("allowlist API: store unavailable", extra={"error": type(exc).__name__})
             return _error(503, "unavailable", "the allowlist store is unavailable; retry later")
+
+    def _authenticate(self, target: Target, token: str, client: str) -> Response | None:
+        names = [f"client:{client}", f"list:{target.key}"]
+        wait = self.limiter.blocked(names)
+        if wait > 0:
+            response = _error(429, "too_many_failures", "too many failed token checks; retry later")
+            response.headers["Retry-After"] = str(max(1, int(wait + 0.999)))
+            return response
+        why = check_token(self.secret, target.key, token, self.store.token_generation(target))
+        if why is None:
+            return None
+        self.limiter.failed(names)
+        if why == "expired":
+            return _error(401, "token_expired", "the token has expired; get a new one")
+        if why == "revoked":
+            return _error(401, "token_revoked", "the token was revoked; get a new one")
+        return _error(403, "forbidden", "the token does not open this list")
 
     def _list(self, target: Target) -> Response:
         entries = self.store.entries(target)
@@ -270,7 +395,13 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             body = self.rfile.read(length) if length else b""
         try:
-            response = api.handle(self.command, self.path, self.headers, body)  # type: ignore[arg-type]
+            response = api.handle(
+                self.command,
+                self.path,
+                self.headers,  # type: ignore[arg-type]
+                body,
+                client=str(self.client_address[0]),
+            )
         except Exception:
             log.exception("allowlist API: internal error")
             response = _error(500, "internal", "internal error")

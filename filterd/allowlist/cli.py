@@ -236,8 +236,11 @@ def check(files: tuple[str, ...]) -> None:
 
 @allow.command("token")
 @click.argument("target", metavar="LIST")
-def token(target: str) -> None:
-    """Print the API token for LIST (what the customer panel computes)."""
+@click.option(
+    "--days", type=float, default=None, help="Lifetime (default [allowlist] api_token_days)."
+)
+def token(target: str, days: float | None) -> None:
+    """Print an API token for LIST (what the customer panel computes); it expires."""
     opts = _opts()
     config = opts.config()
     tgt = _target(target, config)
@@ -245,7 +248,21 @@ def token(target: str) -> None:
         secret = load_secret(config, opts.settings().source.resolve().parent.parent)
     except ApiConfigError as exc:
         _fail(str(exc), 1)
-    click.echo(make_token(secret, tgt.key))
+    store = opts.store()
+    generation = _store_call(lambda: store.token_generation(tgt))
+    lifetime = (config.api_token_days if days is None else days) * 86400
+    click.echo(make_token(secret, tgt.key, generation=generation, ttl=lifetime))
+
+
+@allow.command("revoke-tokens")
+@click.argument("target", metavar="LIST")
+def revoke_tokens(target: str) -> None:
+    """Revoke every API token of LIST (other lists' tokens stay valid)."""
+    opts = _opts()
+    tgt = _target(target, opts.config())
+    store = opts.store()
+    generation = _store_call(lambda: store.revoke_tokens(tgt))
+    click.echo(f"{tgt}: tokens revoked (generation {generation})")
 
 
 @click.command("api")

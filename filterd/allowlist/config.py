@@ -63,6 +63,13 @@ class Config(Section):
     api_secret_file: str = ""
     api_max_body_bytes: int = 65536
     api_timeout_seconds: float = 10.0
+    # Lifetime of a token made by `filterd allow token` / make_token (the panel may choose
+    # shorter); expired tokens get 401 token_expired.
+    api_token_days: float = 30.0
+    # Failed token checks allowed per client address and per list within the window;
+    # beyond it that client / list gets 429 until the window has passed.
+    api_max_failed_attempts: int = 10
+    api_failed_window_seconds: float = 300.0
 
     @field_validator("verify_by", "trusted_authserv_ids", "site_files", mode="before")
     @classmethod

@@ -227,6 +227,27 @@ def canonical_domain(text: str, lenient: bool = False) -> str:
     return result
 
 
+def _fold(text: str) -> str:
+    # lower(), not casefold(): casefold turns a legitimate "ß" into "ss".
+    return unicodedata.normalize("NFKC", text.lower()).lower()
+
+
+def _folds_to_ascii(char: str) -> bool:
+    """True for a non-ASCII character that NFKC or lower-casing turns (partly) into ASCII.
+
+    The Kelvin sign K (U+212A) lower-cases to ``k``, long s to ``s``, fullwidth
+    letters NFKC to ASCII: left in, they would fold a different address onto
+    another user's list (``\u212aen@`` onto ``ken@``). Such characters have no
+    legitimate use in a mailbox name, so they are refused, not folded.
+    """
+    forms = _fold(char) + unicodedata.normalize("NFKC", char) + unicodedata.normalize("NFC", char)
+    return any(c.isascii() for c in forms)
+
+
+def _confusable_local(local: str) -> bool:
+    return any(not c.isascii() and _folds_to_ascii(c) for c in local)
+
+
 def _local(local: str, full: str, what: str) -> str:
     if not local:
         raise EntryError(
@@ -237,6 +258,12 @@ def _local(local: str, full: str, what: str) -> str:
             f"wildcard '*' inside the local part of {_show(full)}: only *@domain or "
             "*@*.domain are allowed"
         )
+    for char in local:  # before NFC, which already turns the Kelvin sign into "K"
+        if not char.isascii() and _folds_to_ascii(char):
+            raise EntryError(
+                f"{what} {_show(full)}: {char!r} (U+{ord(char):04X}) would be read as "
+                f"{_fold(char)!r}; write the address in plain ASCII"
+            )
     local = unicodedata.normalize("NFC", local)
     for char in local:
         if char.isascii() and char not in _LOCAL_ASCII:
@@ -352,6 +379,8 @@ def sender_address(text: str) -> tuple[str, str] | None:
     local, at, domain = text.rpartition("@")
     if not at or not local or len(text) > 512:
         return None
+    if _confusable_local(local):
+        return None  # would fold onto another address's entries
     try:
         canonical = canonical_domain(domain, lenient=True)
     except EntryError:

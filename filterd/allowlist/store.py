@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from filterd import keyspace
 from filterd.allowlist.entries import Entry, EntryError, Target, canonical_domain, parse_target
 from filterd.allowlist.match import Match, Probe
+from filterd.clients.redis import pipeline
 
 if TYPE_CHECKING:
     from filterd.allowlist.config import Config
@@ -46,6 +47,7 @@ RETENTION = keyspace.ALLOW_RETENTION
 KEYSPACE: dict[str, str] = keyspace.ALLOW_KEYSPACE
 mailbox_key = keyspace.allow_mailbox_key
 domain_key = keyspace.allow_domain_key
+revocation_key = keyspace.allow_revocation_key
 
 
 def target_key(target: Target) -> str:
@@ -207,14 +209,24 @@ class AllowlistStore:
             "entries": self.entries(target),
         }
 
+    def token_generation(self, target: Target) -> int:
+        """The list's API token generation: tokens of an older one are revoked."""
+        value = self.redis.get(revocation_key(target.key))
+        return int(_text(value)) if value is not None else 0
+
+    def revoke_tokens(self, target: Target) -> int:
+        """Revoke every API token of this list (only this list); the new generation."""
+        return int(self.redis.incr(revocation_key(target.key)))  # type: ignore[arg-type]
+
     def erase_mailbox(self, mailbox: str) -> int:
         """Delete a mailbox's list; returns how many entries it held."""
         target = parse_target(mailbox, self.config)
         key = target_key(target)
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = pipeline(self.redis, atomic=True)
         pipe.scard(key)
-        pipe.delete(key)
-        count, _ = pipe.execute()
+        pipe.delete(key)  # one key per command: the two need not share a cluster slot
+        pipe.delete(revocation_key(target.key))
+        count, _, _ = pipe.execute()
         return int(count)
 
 

@@ -102,7 +102,10 @@ class AntivirusCheck:
     def findings(self, result: ScanResult) -> list[Finding]:
         """Turn a clamd verdict into findings (public for `filterd scan` and tests)."""
         if result.too_large:
-            return [self._oversize(_limit_detail(result, self.config.max_scan_bytes))]
+            # clamd's own Max* limits (AlertExceedsMax yes) vs the stream being too long.
+            ours = result.limit in ("StreamMaxLength", "max_scan_bytes")
+            detail = _limit_detail(result, self.config.max_scan_bytes)
+            return [self._oversize(detail, "scan" if ours else "limits")]
         if result.signature is None:
             return []
         name = result.signature
@@ -119,10 +122,10 @@ class AntivirusCheck:
             )
         ]
 
-    def _oversize(self, detail: str) -> Finding:
+    def _oversize(self, detail: str, scope: policy.OversizeScope = "scan") -> Finding:
         action = self.config.oversize_action
         detail = f"not scanned: {detail}; oversize_action={action}"
-        effect, reply = policy.oversize("scan", action)
+        effect, reply = policy.oversize(scope, action)
         return Finding(
             check=self.name,
             code="CLAMAV_OVERSIZE",

@@ -14,7 +14,18 @@ Archives that cannot be looked into are not waved through by accident:
   encrypted members are still checked first;
 - zips nested deeper than ``max_zip_depth``, with more than ``max_zip_members``
   members, bigger than ``max_unpack_bytes`` when unpacked, or damaged get
-  ``uninspectable_action`` (default ``reject``).
+  ``uninspectable_action`` (default ``reject``);
+- a message with more than ``max_mime_parts`` MIME parts or nested deeper than
+  ``max_mime_nesting`` is refused with ``554 5.6.0`` (structurally abusive;
+  the walk stops there instead of spending seconds of CPU on every retry);
+- zips whose content the virus scanner would not look into -- ZIP64 members
+  (clamd does not unpack them: a test virus inside one is "OK") and members
+  declared bigger than ``max_scannable_member_bytes`` (keep it at clamd's
+  ``MaxFileSize``; clamd skips bigger members) -- get ``unscannable_action``:
+  ``reject`` (default, ``554 5.7.1 archive not accepted: the virus scanner
+  cannot look inside it (...)``) or ``accept``, which marks the message
+  ``X-Filterd-Unchecked: attachments`` and counts it (``stats()``), never
+  passing it as scanned.
 
 Only zip is unpacked here (clamd unpacks many more formats for viruses). Every
 refusal is ``554 5.7.1`` naming the type, never the sender's file name; the
@@ -25,6 +36,8 @@ Nothing is quarantined.
 from __future__ import annotations
 
 import struct
+import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +45,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from filterd import deadline
 from filterd.checks.base import OnFailure, Services
 from filterd.mail.analysis import analysis_of
 from filterd.mail.walk import Item, Obstacle, WalkLimits
@@ -52,6 +66,11 @@ OBSTACLE_TEXT = {
     "bytes": "archive too large to unpack",
     "damaged": "damaged archive",
 }
+STRUCTURE_REPLY = SmtpReply(554, "5.6.0", "message structure too complex to be checked")
+UNSCANNABLE_TEXT = {
+    "zip64": "ZIP64 archive",
+    "scan-size": "archive member too large to scan",
+}
 
 
 class Config(Section):
@@ -64,6 +83,15 @@ class Config(Section):
     max_unpack_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     encrypted_archive_action: ArchiveAction = "reject"
     uninspectable_action: ArchiveAction = "reject"
+    # ZIP64 members and members bigger than max_scannable_member_bytes: the virus
+    # scanner would not look inside. reject (554) | accept (X-Filterd-Unchecked, counted).
+    unscannable_action: ArchiveAction = "reject"
+    # Keep at clamd's MaxFileSize (clamd skips bigger archive members unscanned).
+    max_scannable_member_bytes: int = Field(default=100 * 1024 * 1024, ge=1)
+    # MIME parts (attached messages included) and nesting walked per message; beyond
+    # either the message is refused: 554 5.6.0 (structurally abusive, retrying won't help).
+    max_mime_parts: int = Field(default=1000, ge=1)
+    max_mime_nesting: int = Field(default=30, ge=1, le=100)
     on_failure: OnFailure = "tempfail"
 
 
@@ -280,7 +308,21 @@ class AttachmentsCheck:
             max_members=config.max_zip_members,
             max_bytes=config.max_unpack_bytes,
             spool_dir=spool_dir or None,
+            max_scan_member_bytes=config.max_scannable_member_bytes,
+            max_parts=config.max_mime_parts,
+            max_nesting=config.max_mime_nesting,
         )
+        self._stats: Counter[str] = Counter()
+        self._stats_lock = threading.Lock()
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: ``unscannable_accepted``, ``unscannable_rejected``..."""
+        with self._stats_lock:
+            return dict(self._stats)
+
+    def _count(self, key: str) -> None:
+        with self._stats_lock:
+            self._stats[key] += 1
 
     def close(self) -> None:
         """Nothing to release."""
@@ -318,6 +360,7 @@ class AttachmentsCheck:
         findings: dict[tuple[str, str], Finding] = {}
         # Streamed from the spool: memory does not grow with the message (see mail.walk).
         for entry in analysis_of(message).walk(self.limits):
+            deadline.check()  # the pipeline replied already: stop walking
             found = (
                 self._obstacle(entry, rules)
                 if isinstance(entry, Obstacle)
@@ -357,9 +400,28 @@ class AttachmentsCheck:
 
     def _obstacle(self, obstacle: Obstacle, rules: _Rules) -> list[Finding]:
         where = f"{obstacle.location} (depth {obstacle.depth})"
+        if obstacle.kind == "structure":
+            limits = f"max_mime_parts={self.limits.max_parts}, max_mime_nesting="
+            detail = f"{where}: {limits}{self.limits.max_nesting}"
+            self._count("structure_rejected")
+            return [
+                Finding(
+                    check=NAME,
+                    code="MESSAGE_STRUCTURE",
+                    detail=detail,
+                    effect=Effect.REJECT,
+                    reply=STRUCTURE_REPLY,
+                    bypassable=False,
+                )
+            ]
         if obstacle.kind == "encrypted":
             code, action = "ENCRYPTED_ARCHIVE", rules.encrypted_action
             text = "encrypted archive not accepted: its content cannot be checked"
+        elif obstacle.kind in UNSCANNABLE_TEXT:
+            code, action = "ARCHIVE_UNINSPECTABLE", self.config.unscannable_action
+            what = UNSCANNABLE_TEXT[obstacle.kind]
+            text = f"archive not accepted: the virus scanner cannot look inside it ({what})"
+            self._count(f"unscannable_{'rejected' if action == 'reject' else 'accepted'}")
         else:
             code, action = "ARCHIVE_UNINSPECTABLE", self.config.uninspectable_action
             text = f"archive not accepted: it cannot be checked ({OBSTACLE_TEXT[obstacle.kind]})"

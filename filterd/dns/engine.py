@@ -69,6 +69,7 @@ def build_resolver(config: ResolverKeys) -> DnsblResolver:
         max_parallel=config.max_parallel,
         breaker_failures=config.breaker_failures,
         breaker_seconds=config.breaker_seconds,
+        breaker_probe_seconds=config.breaker_probe_seconds,
     )
 
 

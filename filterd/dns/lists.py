@@ -217,6 +217,8 @@ class ResolverKeys(Section):
     # for breaker_seconds instead of costing a timeout on every message.
     breaker_failures: int = 5
     breaker_seconds: float = 30.0
+    # While open, one query per this many seconds probes the list; an answer closes it.
+    breaker_probe_seconds: float = 2.0
     max_parallel: int = 32
 
     @field_validator("nameservers")
@@ -234,7 +236,7 @@ class ResolverKeys(Section):
     def _join(cls, value: Any) -> Any:
         return ",".join(value) if isinstance(value, list) else value
 
-    @field_validator("query_timeout", "breaker_seconds")
+    @field_validator("query_timeout", "breaker_seconds", "breaker_probe_seconds")
     @classmethod
     def _positive(cls, value: float) -> float:
         if value <= 0:

@@ -121,25 +121,48 @@ def _negative_ttl(response: dns.message.Message | None, default: float) -> float
 
 
 class _Breaker:
-    """Per-zone consecutive-failure counter that opens for a while."""
+    """Per-zone consecutive-failure counter that opens for a while, probing as it waits.
 
-    def __init__(self, failures: int, seconds: float, clock: Callable[[], float]) -> None:
+    Open means "skip this list" (fail open), which costs protection: every mail
+    from a listed source passes while it lasts. So an open breaker lets one
+    query through every ``probe_seconds`` (half-open probe); the first answer
+    closes it, so an outage of a second or two costs seconds of skipping, not
+    ``seconds``. Without an answer it stays open, and after ``seconds`` every
+    query goes through again until one more failure re-opens it.
+    """
+
+    def __init__(
+        self,
+        failures: int,
+        seconds: float,
+        clock: Callable[[], float],
+        probe_seconds: float = 2.0,
+    ) -> None:
         self.failures = failures
         self.seconds = seconds
+        self.probe_seconds = min(probe_seconds, seconds)
         self._clock = clock
         self._count: dict[str, int] = {}
         self._open_until: dict[str, float] = {}
+        self._next_probe: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def is_open(self, zone: str) -> bool:
+        """True when ``zone`` must be skipped; False lets this query (or probe) through."""
         with self._lock:
             until = self._open_until.get(zone)
             if until is None:
                 return False
-            if self._clock() >= until:
+            now = self._clock()
+            if now >= until:
                 # Half-open: let queries through; one more failure re-opens.
                 del self._open_until[zone]
+                self._next_probe.pop(zone, None)
                 self._count[zone] = self.failures - 1
+                return False
+            if now >= self._next_probe.get(zone, until):
+                # One probe per interval; its success closes the breaker.
+                self._next_probe[zone] = now + self.probe_seconds
                 return False
             return True
 
@@ -148,11 +171,15 @@ class _Breaker:
         with self._lock:
             if ok:
                 self._count.pop(zone, None)
+                self._open_until.pop(zone, None)
+                self._next_probe.pop(zone, None)
                 return False
             count = self._count.get(zone, 0) + 1
             self._count[zone] = count
             if count >= self.failures and zone not in self._open_until:
-                self._open_until[zone] = self._clock() + self.seconds
+                now = self._clock()
+                self._open_until[zone] = now + self.seconds
+                self._next_probe[zone] = now + self.probe_seconds
                 return True
             return False
 
@@ -176,6 +203,7 @@ class DnsblResolver:
         max_parallel: int = 32,
         breaker_failures: int = 5,
         breaker_seconds: float = 30.0,
+        breaker_probe_seconds: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not nameservers:
@@ -186,7 +214,7 @@ class DnsblResolver:
         self.cache_negative_ttl = cache_negative_ttl
         self._clock = clock
         self.cache = TtlCache(cache_max_entries, clock)
-        self._breaker = _Breaker(breaker_failures, breaker_seconds, clock)
+        self._breaker = _Breaker(breaker_failures, breaker_seconds, clock, breaker_probe_seconds)
         # Two tries per query when there is one server; one per server otherwise.
         self._try_timeout = query_timeout / max(2, len(self.nameservers))
         self._pool = ThreadPoolExecutor(max_parallel, thread_name_prefix="dnsbl")

@@ -48,6 +48,8 @@ from email.utils import collapse_rfc2231_value
 from typing import IO, Literal
 from urllib.parse import unquote
 
+from filterd import deadline
+
 # Enough for every magic the check knows (ISO 9660 at 0x8001..0x9006).
 SNIFF_BYTES = 40 * 1024
 # The end of a complete item: a zip's end record lies in its last 64 KiB + 22 bytes.
@@ -60,10 +62,16 @@ SPOOL_MEMORY = 1024 * 1024
 MAX_LINE = 256 * 1024
 # Bytes of the relevant headers kept per part.
 MAX_HEADER_BYTES = 256 * 1024
-ObstacleKind = Literal["depth", "members", "bytes", "damaged", "encrypted"]
+# "zip64"/"scan-size": content clamd will not look into (it does not unpack zip64
+# members; it skips members over its MaxFileSize), whatever this walk sees.
+ObstacleKind = Literal[
+    "depth", "members", "bytes", "damaged", "encrypted", "zip64", "scan-size", "structure"
+]
 
 _CHUNK = 64 * 1024
 _EOCD = b"PK\x05\x06"
+_ZIP64_LOCATOR = b"PK\x06\x07"
+_ZIP64_EXTRA = 0x0001
 _ZIP_LOCAL = b"PK\x03\x04"
 _UUE_BEGIN = re.compile(rb"^begin(?:-base64)? [0-7]{3,4} ([^\r\n]+?)\r?$", re.MULTILINE)
 _UUE_LINE = 4096
@@ -85,6 +93,14 @@ class WalkLimits:
     max_members: int = 1000  # zip members over the whole message
     max_bytes: int = 64 * 1024 * 1024  # decompressed bytes for nested archives; per MIME part
     spool_dir: str | None = None  # where decoded parts over SPOOL_MEMORY go (None: system temp)
+    # Zip members declared bigger than this are reported as "scan-size" (keep it at
+    # clamd's MaxFileSize: clamd skips bigger members). None: not checked.
+    max_scan_member_bytes: int | None = None
+    # MIME entities (parts, attached messages) walked; beyond it a "structure"
+    # obstacle ends the walk (10^5 parts cost ~18 CPU-s to walk).
+    max_parts: int = 1000
+    # Multipart / attached-message nesting; deeper is a "structure" obstacle too.
+    max_nesting: int = MAX_MIME_NESTING
 
 
 @dataclass(frozen=True)
@@ -268,7 +284,10 @@ def walk(chunks: Iterable[bytes], limits: WalkLimits | None = None) -> Iterator[
     ``chunks`` is the raw message (``Message.iter_raw()``), in pieces of any size.
     """
     walker = _Walker(limits or WalkLimits())
-    yield from walker.entity(_Reader(chunks), _Stack(()), 0, "text/plain")
+    try:
+        yield from walker.entity(_Reader(chunks), _Stack(()), 0, "text/plain")
+    except _StopWalk:
+        return
 
 
 class _Stack:
@@ -494,11 +513,16 @@ def _header(part: Message, name: str) -> str:
         return ""
 
 
+class _StopWalk(Exception):
+    """A structure limit was reached: the walk ends after its obstacle."""
+
+
 class _Walker:
     def __init__(self, limits: WalkLimits) -> None:
         self.limits = limits
         self.budget = _Budget(limits)
         self.parts = 0
+        self.entities = 0
 
     def entity(
         self,
@@ -508,9 +532,11 @@ class _Walker:
         default_type: str,
     ) -> _Walked:
         """One message or body part, up to the boundary line that ends it (returned)."""
-        if nesting > MAX_MIME_NESTING:
-            yield Obstacle(f"part {self.parts}", 0, "depth")
-            return _Body(reader, stack).drain()
+        deadline.check()
+        self.entities += 1
+        if nesting > self.limits.max_nesting or self.entities > self.limits.max_parts:
+            yield Obstacle(f"part {self.parts}", 0, "structure")
+            raise _StopWalk
         lines, ended = _read_headers(reader, stack)
         part = _parse_headers(lines, default_type)
         try:
@@ -847,7 +873,8 @@ def _item(item: Item, budget: _Budget) -> Iterator[Item | Obstacle]:
         if item.head.startswith(_ZIP_LOCAL):
             yield Obstacle(location, depth, "damaged")
         return
-    files = [i for i in infos if not i.is_dir()]
+    # An empty name (a NUL at its start) is a file; zipfile's is_dir() would raise on it.
+    files = [i for i in infos if not i.filename.endswith("/")]
     encrypted = any(i.flag_bits & 0x1 for i in files)
     yield replace(item, members=tuple(i.filename for i in files), encrypted=encrypted)
     budget.members += len(files)
@@ -856,8 +883,17 @@ def _item(item: Item, budget: _Budget) -> Iterator[Item | Obstacle]:
         return
     if encrypted:
         yield Obstacle(location, depth, "encrypted")
+    if _ZIP64_LOCATOR in item.tail:
+        yield Obstacle(location, depth, "zip64")
+    scan_limit = budget.limits.max_scan_member_bytes
     for number, info in enumerate(files, 1):
-        yield from _member(archive, info, f"{location} > member {number}", depth + 1, budget)
+        deadline.check()
+        where = f"{location} > member {number}"
+        if _is_zip64(info) or _local_zip64(item.content, info):
+            yield Obstacle(where, depth + 1, "zip64")
+        if scan_limit is not None and info.file_size > scan_limit:
+            yield Obstacle(where, depth + 1, "scan-size")
+        yield from _member(archive, info, where, depth + 1, budget)
 
 
 def _member(
@@ -905,6 +941,39 @@ def _member(
         yield from _item(item, budget)
     finally:
         spool.close()
+
+
+def _local_zip64(content: IO[bytes], info: zipfile.ZipInfo) -> bool:
+    """Whether the member's local header carries a ZIP64 extra field.
+
+    Writers may put it there only (Python's ``force_zip64`` does), and the local
+    header is what a streaming unpacker such as clamd's reads.
+    """
+    try:
+        content.seek(info.header_offset)
+        header = content.read(30)
+        if len(header) < 30 or not header.startswith(_ZIP_LOCAL):
+            return False
+        name_len, extra_len = struct.unpack_from("<HH", header, 26)
+        content.seek(info.header_offset + 30 + name_len)
+        return _has_zip64_extra(content.read(extra_len))
+    except (OSError, ValueError):
+        return False
+
+
+def _is_zip64(info: zipfile.ZipInfo) -> bool:
+    """Whether the member's central-directory entry carries a ZIP64 extra field."""
+    return _has_zip64_extra(info.extra)
+
+
+def _has_zip64_extra(extra: bytes) -> bool:
+    pos = 0
+    while pos + 4 <= len(extra):
+        header_id, size = struct.unpack_from("<HH", extra, pos)
+        if header_id == _ZIP64_EXTRA:
+            return True
+        pos += 4 + size
+    return False
 
 
 def _declared_member_count(tail: bytes) -> int | None:

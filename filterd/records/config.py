@@ -27,6 +27,9 @@ class Config(Section):
     subaddress_separators: str = "+"
     # Keep client IP + reason of refused messages for the abuse-evidence retention (no mailbox).
     abuse_evidence: bool = False
+    # Entries waiting to be written off the SMTP path; when full, an entry is dropped,
+    # counted and logged (mail is never delayed by records).
+    queue_size: int = 10000
 
     def resolve(self, value: str) -> Path:
         """Relative paths resolve as everywhere else in filterd (the project root)."""

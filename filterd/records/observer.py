@@ -2,7 +2,16 @@
 
 Records are best-effort: they must never delay, fail or tempfail mail. So both
 callbacks catch everything, count the failure and log it (at most once a minute),
-and each does exactly one Redis round trip (one MULTI/EXEC pipeline). Values from
+and each does exactly one Redis round trip (one MULTI/EXEC pipeline). The daemon
+wraps the observer in a ``BackgroundObserver`` so that round trip happens off the
+SMTP path: a hung Redis cannot hold a reply (issue 15 item 7). Its queue is
+bounded; a write it has to drop, like one that fails, is counted and logged.
+
+The per-mailbox index is a sorted set scored by entry time. Each write trims
+entries older than the retention tag and sets the key to expire one tag after
+its newest entry; the background worker also trims every index key it wrote when
+its oldest entry comes due, so no index entry outlives its tag by more than about
+a second while the daemon runs (issue 15 item 6). Values from
 the SMTP dialogue are cleaned before they reach the writer (an odd queue id or a
 Message-ID with spaces is dropped, not allowed to lose the whole entry), and only
 fields the schema declares are passed: removing a field from rules/retention.toml
@@ -11,8 +20,11 @@ is how an operator stops storing it.
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import ipaddress
 import logging
+import queue
 import re
 import threading
 import time
@@ -105,37 +117,53 @@ class RecordsObserver:
         self._unlogged_failures = 0
         self._last_failure_log = float("-inf")
 
+    @staticmethod
+    def recipient_job(envelope: Envelope, decision: RecipientDecision) -> dict[str, Any] | None:
+        """What to record for a recipient decision (None: accepted, nothing to record)."""
+        if decision.action is Action.ACCEPT:
+            return None
+        return {
+            "envelope": envelope,
+            "phase": "rcpt",
+            "action": decision.action,
+            "code": decision.reason_code,
+            "reply": decision.reply,
+            "recipients": (decision.recipient,),
+        }
+
+    @staticmethod
+    def message_job(message: Message, decision: Decision) -> dict[str, Any]:
+        """What to record for a message; reads the message now, while it still exists."""
+        return {
+            "envelope": message.envelope,
+            "phase": "data",
+            "action": decision.action,
+            "code": decision.reason_code,
+            "reply": decision.reply,
+            "recipients": tuple(message.envelope.recipients),
+            "size": message.size,
+            "message_id": message_id(message),
+        }
+
     def on_recipient(self, envelope: Envelope, decision: RecipientDecision) -> None:
         """A recipient refused or deferred at RCPT time (accepted ones are skipped)."""
         try:
-            if decision.action is Action.ACCEPT:
-                return
-            self._record(
-                envelope,
-                phase="rcpt",
-                action=decision.action,
-                code=decision.reason_code,
-                reply=decision.reply,
-                recipients=(decision.recipient,),
-            )
+            job = self.recipient_job(envelope, decision)
+            if job is not None:
+                self.write(job)
         except Exception as exc:  # noqa: BLE001 - records must never affect mail
             self._failed(exc)
 
     def on_message(self, message: Message, decision: Decision) -> None:
         """End of message: ``message.envelope.recipients`` are the accepted ones."""
         try:
-            self._record(
-                message.envelope,
-                phase="data",
-                action=decision.action,
-                code=decision.reason_code,
-                reply=decision.reply,
-                recipients=message.envelope.recipients,
-                size=message.size,
-                message_id=message_id(message),
-            )
+            self.write(self.message_job(message, decision))
         except Exception as exc:  # noqa: BLE001 - records must never affect mail
             self._failed(exc)
+
+    def write(self, job: dict[str, Any]) -> list[tuple[str, float]]:
+        """Write one job; returns the index keys written with their oldest entry's due time."""
+        return self._record(**job)
 
     def _record(
         self,
@@ -148,8 +176,9 @@ class RecordsObserver:
         recipients: Iterable[str],
         size: int | None = None,
         message_id: str | None = None,
-    ) -> None:
-        now = self.clock()
+        now: float | None = None,
+    ) -> list[tuple[str, float]]:
+        now = self.clock() if now is None else now
         reason = clean_code(code)
         sender = clean_address(envelope.mail_from)
         rcpts = [clean_address(r) for r in recipients]
@@ -177,11 +206,14 @@ class RecordsObserver:
         if "recipients" in self._log_fields:
             mailboxes.extend(rcpts)
         tokens_done: set[str] = set()
+        index_keys: list[str] = []
         for mailbox in mailboxes:
             token = batch.mailbox_token(mailbox)
             if token and token not in tokens_done:
                 tokens_done.add(token)
-                batch.index(mailbox, record_id)
+                key = batch.index(mailbox, record_id, now)
+                if key is not None:
+                    index_keys.append(key)
         batch.count(utc_day(now), action.value, reason, max(1, len(rcpts)))
         if self.abuse_evidence and action is Action.REJECT and client_ip:
             abuse = {"timestamp": now, "client_ip": client_ip, "reason_code": reason}
@@ -191,6 +223,12 @@ class RecordsObserver:
         batch.execute()
         with self._lock:
             self.written += 1
+        # Due now: the first trim reads the key's real oldest entry (it may predate us).
+        return [(key, now) for key in index_keys]
+
+    def trim_index(self, key: str) -> float | None:
+        """Drop index entries older than their tag; the due time of the oldest left, if any."""
+        return self.writer.trim_index(key, self.clock())
 
     def _failed(self, exc: Exception) -> None:
         now = time.monotonic()
@@ -208,6 +246,138 @@ class RecordsObserver:
             exc,
             extra={"event": "records_failed", "failed": count, "failed_total": total},
         )
+
+
+class BackgroundObserver:
+    """Runs a ``RecordsObserver``'s Redis writes in one background thread.
+
+    The callbacks only compute the entry (cheap, no I/O) and put it on a bounded
+    queue, so the SMTP reply never waits for Redis. Why a hand-written thread and
+    not a pool: writes must keep their order per daemon, the queue must be bounded
+    with a counted drop, and the same thread runs the index trimming schedule.
+    ``dropped`` counts entries refused by a full queue; ``inner.failures`` counts
+    writes Redis refused; both are logged (rate-limited). ``close`` drains the queue.
+    """
+
+    def __init__(
+        self, inner: RecordsObserver, queue_size: int = 10000, max_scheduled: int = 100000
+    ) -> None:
+        self.inner = inner
+        self.dropped = 0
+        self.max_scheduled = max_scheduled
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(queue_size)
+        self._due: list[tuple[float, str]] = []  # heap of (due time, index key)
+        self._scheduled: set[str] = set()
+        self._lock = threading.Lock()
+        self._last_drop_log = float("-inf")
+        self._thread = threading.Thread(target=self._run, name="records", daemon=True)
+        self._thread.start()
+
+    @property
+    def written(self) -> int:
+        return self.inner.written
+
+    @property
+    def failures(self) -> int:
+        return self.inner.failures
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def on_recipient(self, envelope: Envelope, decision: RecipientDecision) -> None:
+        try:
+            job = RecordsObserver.recipient_job(envelope, decision)
+            if job is not None:
+                self._put(job)
+        except Exception as exc:  # noqa: BLE001 - records must never affect mail
+            self.inner._failed(exc)
+
+    def on_message(self, message: Message, decision: Decision) -> None:
+        try:
+            self._put(RecordsObserver.message_job(message, decision))
+        except Exception as exc:  # noqa: BLE001 - records must never affect mail
+            self.inner._failed(exc)
+
+    def _put(self, job: dict[str, Any]) -> None:
+        job["now"] = self.inner.clock()
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            now = time.monotonic()
+            with self._lock:
+                self.dropped += 1
+                total = self.dropped
+                quiet = now - self._last_drop_log < FAILURE_LOG_INTERVAL
+                if not quiet:
+                    self._last_drop_log = now
+            if not quiet:
+                log.warning(
+                    "records queue full: entry dropped (mail is unaffected)",
+                    extra={"event": "records_dropped", "dropped_total": total},
+                )
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued entry is written (or failed); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self._queue.unfinished_tasks
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (up to ``timeout``), then stop the thread."""
+        self.flush(timeout)
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=0.1)
+        self._thread.join(timeout=1.0)
+
+    def _run(self) -> None:
+        while True:
+            wait = 1.0
+            if self._due:
+                wait = min(1.0, max(0.0, self._due[0][0] - self.inner.clock()))
+            try:
+                job = self._queue.get(timeout=wait)
+            except queue.Empty:
+                job = {}
+            try:
+                if job is None:
+                    return
+                if job:
+                    for key, due in self.inner.write(job):
+                        self._schedule(key, due)
+            except Exception as exc:  # noqa: BLE001 - counted and logged, never raised
+                self.inner._failed(exc)
+            finally:
+                if job:
+                    self._queue.task_done()
+            self._trim_due()
+
+    def _schedule(self, key: str, due: float) -> None:
+        if key in self._scheduled or len(self._scheduled) >= self.max_scheduled:
+            return  # already due earlier; or too many: the key's own expiry bounds it
+        self._scheduled.add(key)
+        heapq.heappush(self._due, (due, key))
+
+    def _trim_due(self) -> None:
+        now = self.inner.clock()
+        while self._due and self._due[0][0] <= now:
+            _due, key = heapq.heappop(self._due)
+            self._scheduled.discard(key)
+            try:
+                next_due = self.inner.trim_index(key)
+            except Exception as exc:  # noqa: BLE001
+                self.inner._failed(exc)
+                next_due = now + 5.0  # Redis away: try again shortly
+            if next_due is not None:
+                self._schedule(key, max(next_due, now + 0.2))
+
+
+def build_daemon_observer(config: Config, redis_client: Any) -> BackgroundObserver | None:
+    """The daemon's observer: writes off the SMTP path (see ``BackgroundObserver``)."""
+    inner = build_observer(config, redis_client)
+    if inner is None:
+        return None
+    return BackgroundObserver(inner, queue_size=config.queue_size)
 
 
 def build_observer(config: Config, redis_client: Any) -> RecordsObserver | None:

@@ -67,7 +67,7 @@ def _find(
     ordered = sorted(tokens)
     pipe = redis_client.pipeline(transaction=False)
     for token in ordered:
-        pipe.smembers(keys.index_key(token))
+        pipe.zrange(keys.index_key(token), 0, -1)
     members = {t: {_text(m) for m in ms} for t, ms in zip(ordered, pipe.execute(), strict=True)}
     ids = sorted(set().union(*members.values())) if members else []
     if not ids:
@@ -211,7 +211,7 @@ def erase_mailbox(
             pipe.delete(keys.log_key(item.record_id))
         for token, ids in list(members.items()) + list(other_index.items()):
             if ids:
-                pipe.srem(keys.index_key(token), *sorted(ids))
+                pipe.zrem(keys.index_key(token), *sorted(ids))
         pipe.execute()
     for name, source in (sources or {}).items():
         counts[name] = 0 if dry_run else source.erase_mailbox(mailbox)

@@ -75,6 +75,21 @@ class RecordWriter:
         """Field names the schema lets this kind store (callers omit the others)."""
         return frozenset(self.schema.kind(kind).fields)
 
+    def index_ttl(self) -> int:
+        """Seconds an index entry may live: the mailbox-index kind's retention tag."""
+        seconds = self.schema.kind("mailbox-index").retention.seconds
+        assert seconds is not None  # checked in __init__
+        return seconds
+
+    def trim_index(self, key: str, now: float) -> float | None:
+        """Remove index entries older than the tag; the due time of the oldest left."""
+        ttl = self.index_ttl()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zremrangebyscore(key, "-inf", f"({now - ttl}")
+        pipe.zrange(key, 0, 0, withscores=True)
+        _removed, oldest = pipe.execute()
+        return float(oldest[0][1]) + ttl if oldest else None
+
     def batch(self) -> Batch:
         key = self.pseudonymizer.current_key() if self.pseudonymizer is not None else None
         return Batch(self, key)
@@ -136,15 +151,23 @@ class Batch:
         self.size += 1
         return record_id
 
-    def index(self, mailbox: str, record_id: str) -> None:
-        """Add an entry id to the mailbox's index set and refresh its expiry."""
+    def index(self, mailbox: str, record_id: str, now: float | None = None) -> str | None:
+        """Add an entry id to the mailbox's index (a sorted set scored by entry time).
+
+        Entries older than the tag are trimmed in the same transaction and the key
+        expires one tag after this, its newest entry; the observer trims older ones
+        when they come due. Returns the key (None for an empty mailbox).
+        """
         kind = self._kind("mailbox-index")
         validate(kind, {"mailbox": mailbox, "record_id": record_id})
         if not keys.normalise_mailbox(mailbox):
-            return
+            return None
+        now = time.time() if now is None else now
+        ttl = self._ttl(kind)
         name = keys.index_key(self.mailbox_token(mailbox))
-        self._write_with_expiry(name, self._ttl(kind), "SADD", record_id)
+        self._pipe.execute_command("EVAL", keys.INDEX_WRITE, 1, name, ttl, now, record_id)
         self.size += 1
+        return name
 
     def count(self, day: str, action: str, reason_code: str, n: int = 1) -> None:
         """Add to an anonymous daily counter (no mailbox, no IP: the types forbid it)."""
