@@ -292,10 +292,8 @@ def holder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[filterd_milter.
         f'[milter]\nmax_header_bytes = 4096\nmax_message_bytes = 65536\nspool_dir = "{base}"\n'
     )
     runtime = Runtime(load_settings(path, env={}))
-    previous = filterd_milter.HOLDER
-    filterd_milter.HOLDER = filterd_milter.RuntimeHolder(runtime)
-    yield filterd_milter.HOLDER
-    filterd_milter.HOLDER = previous
+    holder = filterd_milter.RuntimeHolder(runtime)
+    yield holder
     runtime.retire()
 
 
@@ -360,7 +358,7 @@ def test_milter_callbacks_give_a_verdict_for_any_input(
     header_list: list[tuple[str, str]],
     body: bytes,
 ) -> None:
-    Milter.factory = filterd_milter.FilterdMilter
+    filterd_milter.install(holder)
     ctx = Ctx()
     caplog.clear()
     with caplog.at_level(logging.ERROR, logger="filterd.milter"):
