@@ -66,6 +66,13 @@ class RuntimeHolder:
 HOLDER: RuntimeHolder | None = None
 
 
+def install(holder: RuntimeHolder) -> None:
+    """Serve this process's connections from ``holder`` (the daemon's only entry point)."""
+    global HOLDER
+    HOLDER = holder
+    Milter.factory = FilterdMilter
+
+
 def _guarded(func: F) -> F:
     """Last-resort handler: an unexpected error tempfails, never crashes or accepts."""
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from filterd.addresses import AddressError, parse_milter_socket
 
@@ -45,7 +45,12 @@ class MilterConfig(Section):
     # libmilter's per-connection I/O timeout in seconds.
     timeout: int = 600
     # Unix socket permissions: Postfix's smtpd (user postfix) must be able to write.
-    socket_mode: str = "0666"
+    # 0660 with socket_group: only Postfix's group reaches it (0666 let any local user).
+    socket_mode: str = "0660"
+    # Group of the unix socket; "" = "postfix" when that group exists.
+    socket_group: str = ""
+    # Worker processes that share the socket; 0 = one per CPU.
+    workers: int = Field(default=0, ge=0, le=256)
     # Bodies above this size are not kept; the message gets `oversize_action`.
     max_message_bytes: int = 50 * 1024 * 1024
     # Bodies up to this size stay in memory; larger ones spill to spool_dir.
@@ -93,6 +98,11 @@ class DaemonConfig(Section):
     # Where private services (Redis, clamd) keep their files when started by serve.
     state_dir: str = "var"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Unprivileged user the daemon runs as after binding, when started as root;
+    # "" = "filterd" when that user exists (else it stays root and says so).
+    user: str = ""
+    # Pid file of the supervisor (`filterd reload` / `status` read it); "" = state_dir/filterd.pid.
+    pidfile: str = ""
 
 
 _CORE_SECTIONS: dict[str, type[Section]] = {

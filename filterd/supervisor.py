@@ -1,0 +1,543 @@
+"""`filterd serve`: a small supervisor over pre-forked milter workers.
+
+One Python process is bound by one GIL, so the daemon forks ``[milter] workers``
+processes that share one listening socket. libmilter makes that possible: once
+``smfi_opensocket`` has opened the socket in the parent, every child's
+``smfi_main`` reuses it (it returns early when its socket is valid), and the
+kernel hands each new connection to one of the workers.
+
+The supervisor itself has no threads and no Runtime (no clients, no checks):
+
+- as root it creates the socket (and its directory), gives it mode
+  ``[milter] socket_mode`` and group ``socket_group``, writes the pid file, then
+  drops to ``[daemon] user`` for good; private Redis/clamd start after the drop, so
+  they and their files belong to that user;
+- it imports the serving modules and reads the model once before forking, so a
+  worker forked later (a replacement) only builds its clients;
+- signals arrive through ``sigtimedwait`` (blocked, then waited for), so nothing
+  runs in a signal handler: SIGCHLD reaps and replaces a dead worker, SIGHUP is
+  passed to every worker (each reloads in place), SIGTERM/SIGINT drain;
+- the drain calls ``shutdown(SHUT_RD)`` on the shared listening socket: the kernel
+  refuses new connections for all workers at once, while sessions already accepted
+  continue; each worker then exits when its last message has its verdict. libmilter's
+  own ``smfi_stop()`` is not used: with Debian's worker pool it abandons every
+  session that sits between two commands (a message in DATA got Postfix's default
+  action after the full drain time).
+
+libmilter unlinks the socket path when ``smfi_main`` ends in a process that is not
+root, so libmilter gets a private name and the configured name is a hard link to
+the same socket: a worker that exits removes only the private name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import logging
+import os
+import pwd
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+from filterd import metrics
+from filterd.addresses import SocketAddress, parse_milter_socket
+from filterd.settings import Settings, load_settings
+
+log = logging.getLogger("filterd.supervisor")
+
+MILTER_NAME = "filterd"
+#: Worker → supervisor: "my Runtime is built; I serve". A real-time signal, so two
+#: workers becoming ready at once are two signals (standard signals merge).
+READY_SIGNAL = signal.SIGRTMIN
+#: A worker that cannot build its Runtime at all (bad configuration, no model).
+EXIT_CONFIG = 3
+_WAITED = {signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT, READY_SIGNAL}
+# A worker that dies sooner than this after its start is restarted with a growing delay.
+_QUICK_DEATH_S = 2.0
+_MAX_BACKOFF_S = 10.0
+# Threads numpy's BLAS would start on import; a forked child must not inherit a pool.
+_SINGLE_THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    uid: int
+    gid: int
+
+
+def default_pidfile(settings: Settings) -> Path:
+    if settings.daemon.pidfile:
+        return settings.resolve_path(settings.daemon.pidfile)
+    return settings.resolve_path(settings.daemon.state_dir) / "filterd.pid"
+
+
+def resolve_identity(settings: Settings) -> Identity | None:
+    """The user to run as, or None to keep the current one."""
+    wanted = settings.daemon.user
+    if os.geteuid() != 0:
+        if wanted and wanted != pwd.getpwuid(os.geteuid()).pw_name:
+            log.warning("not started as root: cannot switch user", extra={"user": wanted})
+        return None
+    if not wanted:
+        try:
+            pwd.getpwnam("filterd")
+        except KeyError:
+            log.warning(
+                "running as root: set [daemon] user or create the 'filterd' user "
+                "(make install does)"
+            )
+            return None
+        wanted = "filterd"
+    try:
+        entry = pwd.getpwnam(wanted)
+    except KeyError:
+        from filterd.settings import ConfigError
+
+        raise ConfigError(f"{settings.source}: [daemon] user: no such user {wanted!r}") from None
+    if entry.pw_uid == 0:
+        return None
+    return Identity(wanted, entry.pw_uid, entry.pw_gid)
+
+
+def socket_gid(settings: Settings) -> int | None:
+    name = settings.milter.socket_group or "postfix"
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if settings.milter.socket_group:
+            log.warning("socket group does not exist", extra={"group": name})
+        return None
+
+
+def drop_privileges(identity: Identity | None) -> None:
+    if identity is None:
+        return
+    os.initgroups(identity.name, identity.gid)
+    os.setgid(identity.gid)
+    os.setuid(identity.uid)
+    os.environ["HOME"] = pwd.getpwuid(identity.uid).pw_dir
+    log.info("running as unprivileged user", extra={"user": identity.name, "uid": identity.uid})
+
+
+def _own(path: Path, identity: Identity | None, gid: int | None = None, mode: int = 0o700) -> None:
+    """Create ``path`` if needed; as root give it to ``identity`` (private: 0700)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if identity is not None:
+        os.chown(path, identity.uid, identity.gid if gid is None else gid)
+    with contextlib.suppress(OSError):
+        os.chmod(path, mode)
+
+
+def prepare_state_dir(settings: Settings, identity: Identity | None) -> None:
+    """Private Redis/clamd files (addresses, IPs in the AOF) are the daemon user's only."""
+    state = settings.resolve_path(settings.daemon.state_dir)
+    _own(state, identity)
+    for sub in ("redis", "clamd"):
+        directory = state / sub
+        _own(directory, identity)
+        if identity is None:
+            continue
+        for root, dirs, files in os.walk(directory):
+            for name in dirs + files:
+                with contextlib.suppress(OSError):
+                    os.chown(os.path.join(root, name), identity.uid, identity.gid)
+
+
+class Listener:
+    """libmilter's listening socket, opened once in the supervisor."""
+
+    def __init__(self, settings: Settings, identity: Identity | None) -> None:
+        import Milter
+        import milter as libmilter
+
+        self.settings = settings
+        self.address: SocketAddress = parse_milter_socket(settings.milter.socket)
+        self.paths: list[Path] = []
+        if self.address.is_unix:
+            public = Path(self.address.path)
+            if not public.parent.is_dir():
+                # Postfix's smtpd must traverse it: group = the socket group.
+                _own(public.parent, identity, socket_gid(settings), 0o750)
+            private = public.with_name(f".{public.name}.{os.getpid()}")
+            self.conn = f"unix:{private}"
+            self.paths = [public, private]
+        else:
+            self.conn = settings.milter.socket
+        # ADDHDRS for X-Spam-*; CHGHDRS for the outbound header stripping.
+        Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS)
+        libmilter.setconn(self.conn)
+        libmilter.settimeout(settings.milter.timeout)
+        libmilter.register(MILTER_NAME)
+        libmilter.opensocket(True)
+        self.sock = _find_listener(self.address, self.paths[1] if self.paths else None)
+        if self.address.is_unix:
+            self._publish(identity)
+        else:
+            # libmilter never sets TCP_NODELAY; accepted sockets inherit it. Without it,
+            # Nagle + delayed ACK held each end-of-message reply ~40 ms (bench/README.md).
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _publish(self, identity: Identity | None) -> None:
+        public, private = self.paths
+        mode = int(self.settings.milter.socket_mode, 8)
+        gid = socket_gid(self.settings)
+        uid = identity.uid if identity is not None else -1
+        if identity is not None or gid is not None:
+            try:
+                os.chown(private, uid, -1 if gid is None else gid)
+            except OSError as exc:
+                log.warning("cannot give the socket its group: %s", exc)
+        os.chmod(private, mode)
+        with contextlib.suppress(FileNotFoundError):
+            public.unlink()
+        os.link(private, public)
+
+    def refuse_new(self) -> None:
+        """Refuse new connections in every worker; accepted sessions go on."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RD)
+
+    def remove(self) -> None:
+        for path in self.paths:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove the socket: %s", exc, extra={"path": str(path)})
+
+
+def _find_listener(address: SocketAddress, unix_path: Path | None) -> socket.socket:
+    """libmilter owns the socket and does not expose it: find it among our fds."""
+    for entry in sorted(Path("/proc/self/fd").iterdir(), key=lambda p: p.name):
+        try:
+            if not os.readlink(entry).startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=os.dup(int(entry.name)))
+        except (OSError, ValueError):
+            continue
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                name = sock.getsockname()
+                if unix_path is not None and sock.family == socket.AF_UNIX:
+                    if name == str(unix_path):
+                        return sock
+                elif sock.family in (socket.AF_INET, socket.AF_INET6) and name[1] == address.port:
+                    return sock
+        except OSError:
+            pass
+        sock.close()
+    raise RuntimeError(f"libmilter's listening socket for {address} not found")
+
+
+def write_pidfile(path: Path, identity: Identity | None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{os.getpid()}\n")
+    if identity is not None:
+        # Removed at exit by the unprivileged supervisor.
+        os.chown(tmp, identity.uid, identity.gid)
+        with contextlib.suppress(OSError):
+            if path.parent.stat().st_uid == 0:
+                os.chown(path.parent, identity.uid, -1)
+    tmp.chmod(0o644)
+    tmp.replace(path)
+
+
+def read_pidfile(path: Path) -> int | None:
+    """The running supervisor's pid, or None (no file, stale file)."""
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return pid
+
+
+def preload(settings: Settings) -> None:
+    """Import what every worker needs and warm the model's lazy tables, before fork.
+
+    Forked workers share these pages; a replacement worker then only builds its own
+    clients and loads the model arrays (page-cached). No client, no thread is made here.
+    """
+    import filterd.milter
+    import filterd.pipeline
+    import filterd.runtime  # noqa: F401
+
+    for phase in (settings.pipeline.recipient_checks, settings.pipeline.message_checks):
+        for check in phase:
+            with contextlib.suppress(Exception):
+                __import__(f"filterd.checks.{check}")
+    if "classifier" not in settings.pipeline.message_checks:
+        return
+    try:
+        from filterd.classify.model import SpamModel
+        from filterd.classify.registry import active_name, models_dir
+
+        config = settings.section("classifier")
+        mdir = models_dir(settings.resolve_path(config.models_dir))
+        name = active_name(mdir)
+        if name:
+            model = SpamModel.load(mdir / name)
+            model.score(b"Subject: warm-up\r\n\r\nhello http://example.org/\r\n")
+    except Exception as exc:  # noqa: BLE001 - the worker reports model problems itself
+        log.debug("preload of the model skipped: %s", exc)
+
+
+@dataclass
+class _Child:
+    pid: int
+    kind: str  # "worker" | "metrics"
+    started: float
+    ready: bool = False
+
+
+class Supervisor:
+    def __init__(self, config: Path | None) -> None:
+        self.config = config
+        self.children: dict[int, _Child] = {}
+        self.due: list[tuple[float, str]] = []  # (when, kind) of replacements to fork
+        self.backoff = 0.0
+        self.ever_ready = False
+        self.started = time.monotonic()
+
+    # -- entry ------------------------------------------------------------------------------
+    def run(self) -> int:
+        from filterd.daemon import private_services
+
+        for name in _SINGLE_THREAD_ENV:
+            os.environ.setdefault(name, "1")
+        settings = load_settings(self.config)
+        identity = resolve_identity(settings)
+        # Files we create (private Redis's AOF and dump.rdb, clamd's temp files): 0600.
+        os.umask(0o077)
+        prepare_state_dir(settings, identity)
+        listener = Listener(settings, identity)
+        pidfile = default_pidfile(settings)
+        try:
+            write_pidfile(pidfile, identity)
+            drop_privileges(identity)
+            metrics.prepare(settings)
+            with private_services(settings) as overrides:
+                os.environ.update(overrides)
+                settings = load_settings(self.config)
+                # health.preflight(settings)  # <- the service helper's start-up check goes here:
+                # it may refuse to start (raise) before any worker is forked.
+                preload(settings)
+                return self._supervise(settings, listener)
+        finally:
+            listener.remove()
+            with contextlib.suppress(OSError):
+                pidfile.unlink()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _supervise(self, settings: Settings, listener: Listener) -> int:
+        count = settings.milter.workers or len(os.sched_getaffinity(0))
+        signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
+        self.listener = listener
+        self.settings = settings
+        for _ in range(count):
+            self._fork("worker")
+        if metrics.enabled(settings):
+            self._fork("metrics")
+        log.info(
+            "milter listening",
+            extra={"socket": settings.milter.socket, "workers": count, "pid": os.getpid()},
+        )
+        announced = False
+        while True:
+            timeout = 1.0
+            if self.due:
+                timeout = max(0.0, min(self.due)[0] - time.monotonic())
+            info = signal.sigtimedwait(_WAITED, timeout)
+            self._spawn_due()
+            if info is None:
+                continue
+            sig = info.si_signo
+            if sig == signal.SIGCHLD:
+                failed = self._reap(respawn=True)
+                if failed and not self.ever_ready and not self._workers():
+                    log.error("no worker could start; see the errors above")
+                    self._stop_children(0.0)
+                    return 1
+            elif sig == READY_SIGNAL:
+                child = self.children.get(info.si_pid)
+                if child is not None:
+                    child.ready = True
+                    self.ever_ready = True
+                if not announced and all(c.ready for c in self._workers()):
+                    announced = True
+                    log.info(
+                        "milter ready",
+                        extra={
+                            "workers": len(self._workers()),
+                            "start_ms": round((time.monotonic() - self.started) * 1000),
+                        },
+                    )
+            elif sig == signal.SIGHUP:
+                log.info("reload requested: passing SIGHUP to every worker")
+                for child in self._workers():
+                    self._kill(child.pid, signal.SIGHUP)
+            elif sig in (signal.SIGTERM, signal.SIGINT):
+                return self._drain(settings.milter.drain_seconds)
+
+    def _workers(self) -> list[_Child]:
+        return [c for c in self.children.values() if c.kind == "worker"]
+
+    def _fork(self, kind: str) -> None:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child never returns
+            self._child_main(kind)
+        self.children[pid] = _Child(pid, kind, time.monotonic())
+
+    def _child_main(self, kind: str) -> NoReturn:
+        code = 1
+        try:
+            if kind == "worker":
+                from filterd.daemon import Worker
+
+                code = Worker(self.config, self.settings.milter.socket, self.listener.conn).run()
+            else:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _WAITED)
+                metrics.serve_http(self.settings)
+                code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            log.exception("%s process failed", kind)
+        finally:
+            # Never run the parent's atexit hooks (they stop the private servers).
+            with contextlib.suppress(Exception):
+                logging.shutdown()
+            os._exit(code)
+
+    def _reap(self, respawn: bool) -> bool:
+        """Collect exited children; replace them when running. True if one failed at start."""
+        failed_at_start = False
+        for pid in list(self.children):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done == 0:
+                continue
+            child = self.children.pop(pid)
+            metrics.worker_exited(pid)
+            code = os.waitstatus_to_exitcode(status)
+            if code == EXIT_CONFIG:
+                failed_at_start = True
+            if not respawn:
+                continue
+            lived = time.monotonic() - child.started
+            if lived < _QUICK_DEATH_S:
+                self.backoff = min(_MAX_BACKOFF_S, max(0.25, self.backoff * 2))
+            else:
+                self.backoff = 0.0
+            log.error(
+                "%s exited; starting a new one",
+                child.kind,
+                extra={"pid": pid, "exit": code, "delay_s": self.backoff},
+            )
+            self.due.append((time.monotonic() + self.backoff, child.kind))
+        return failed_at_start
+
+    def _spawn_due(self) -> None:
+        now = time.monotonic()
+        for item in sorted(self.due):
+            if item[0] <= now:
+                self.due.remove(item)
+                self._fork(item[1])
+
+    @staticmethod
+    def _kill(pid: int, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    # -- stop -------------------------------------------------------------------------------
+    def _drain(self, seconds: float) -> int:
+        log.info("stopping: refusing new connections, draining in-flight messages")
+        self.due.clear()
+        self.listener.refuse_new()
+        self._stop_children(seconds)
+        log.info("stopped")
+        return 0
+
+    def _stop_children(self, seconds: float) -> None:
+        for child in list(self.children.values()):
+            self._kill(child.pid, signal.SIGTERM)
+        # Workers exit as soon as their messages have verdicts; the margin covers their
+        # own drain deadline.
+        deadline = time.monotonic() + seconds + 5.0
+        while self.children and time.monotonic() < deadline:
+            signal.sigtimedwait({signal.SIGCHLD}, min(0.5, max(0.0, deadline - time.monotonic())))
+            self._reap(respawn=False)
+        for child in list(self.children.values()):
+            log.warning("worker did not stop; killing it", extra={"pid": child.pid})
+            self._kill(child.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child.pid, 0)
+            self.children.pop(child.pid, None)
+
+
+def signal_daemon(settings: Settings, signum: int) -> int:
+    """`filterd reload`: the pid from the pid file, then the signal. Returns the pid."""
+    pid = read_pidfile(default_pidfile(settings))
+    if pid is None:
+        raise LookupError(f"no running filterd (pid file {default_pidfile(settings)})")
+    try:
+        os.kill(pid, signum)
+    except PermissionError as exc:
+        raise PermissionError(errno.EPERM, f"cannot signal pid {pid}: {exc.strerror}") from None
+    return pid
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (readable for any user)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def daemon_status(settings: Settings) -> dict[str, object]:
+    """`filterd status`: pid file, then /proc: workers are the children named filterd-worker."""
+    pidfile = default_pidfile(settings)
+    pid = read_pidfile(pidfile)
+    info: dict[str, object] = {
+        "running": pid is not None,
+        "pid": pid,
+        "pidfile": str(pidfile),
+        "socket": settings.milter.socket,
+    }
+    if pid is None:
+        return info
+    workers = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _proc_stat(int(entry.name))
+        if fields is None or fields[1] != str(pid) or fields[0] == "Z":  # state, ppid
+            continue
+        with contextlib.suppress(OSError):
+            if (entry / "comm").read_text().strip() == "filterd-worker":
+                workers.append(int(entry.name))
+    fields = _proc_stat(pid)
+    uptime = None
+    if fields is not None:
+        ticks = os.sysconf("SC_CLK_TCK")
+        boot_uptime = float(Path("/proc/uptime").read_text().split()[0])
+        uptime = boot_uptime - int(fields[19]) / ticks  # field 22 (starttime)
+    info.update(workers=len(workers), worker_pids=sorted(workers), uptime_seconds=uptime)
+    return info
