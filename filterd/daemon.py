@@ -105,7 +105,7 @@ class Worker:
             settings = self.load()
             runtime = Runtime(settings)
         except Exception as exc:  # noqa: BLE001 - reported; the supervisor decides
-            log.error("worker cannot start: %s", exc, extra={"pid": os.getpid()})
+            log.error("worker cannot start: %s", exc)
             return EXIT_CONFIG
         _selftest(runtime)
         holder = adapter.RuntimeHolder(runtime)
@@ -114,7 +114,7 @@ class Worker:
         thread.start()
         with contextlib.suppress(ProcessLookupError):
             os.kill(os.getppid(), READY_SIGNAL)
-        log.info("worker serving", extra={"pid": os.getpid()})
+        log.info("worker serving")
         while not self._stop.is_set():
             self._reload.wait(0.5)
             if self._reload.is_set():
@@ -123,7 +123,7 @@ class Worker:
             if not thread.is_alive() and not self._stop.is_set():
                 # The listener ended (the supervisor shut it, or an error): finish what
                 # was accepted, then leave to be replaced.
-                log.warning("milter listener ended", extra={"pid": os.getpid()})
+                log.warning("milter listener ended")
                 self._drain(holder, settings.milter.drain_seconds)
                 return 1
         return self._drain(holder, holder.current.settings.milter.drain_seconds)
@@ -151,10 +151,10 @@ class Worker:
             return
         _selftest(runtime)
         holder.swap(runtime).retire()
-        log.info("configuration reloaded", extra={"pid": os.getpid()})
+        log.info("configuration reloaded")
 
     def _drain(self, holder: adapter.RuntimeHolder, seconds: float) -> int:
-        log.info("worker draining", extra={"in_flight": holder.in_flight, "pid": os.getpid()})
+        log.info("worker draining", extra={"in_flight": holder.in_flight})
         deadline = time.monotonic() + seconds
         while holder.in_flight > 0 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -163,7 +163,7 @@ class Worker:
         else:
             time.sleep(_REPLY_LINGER_S)
         holder.current.retire()
-        log.info("worker stopped", extra={"pid": os.getpid()})
+        log.info("worker stopped")
         return 0
 
 

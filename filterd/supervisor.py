@@ -126,12 +126,33 @@ def drop_privileges(identity: Identity | None) -> None:
 
 
 def _own(path: Path, identity: Identity | None, gid: int | None = None, mode: int = 0o700) -> None:
-    """Create ``path`` if needed; as root give it to ``identity`` (private: 0700)."""
+    """Create ``path`` if needed; as root give it to ``identity`` (private: 0700).
+
+    An existing directory is only taken over when it is clearly the daemon's (see
+    ``_is_ours``): a state_dir of "/var/lib" must never be chowned.
+    """
+    if path.is_dir() and not _is_ours(path, identity):
+        return
     path.mkdir(parents=True, exist_ok=True)
     if identity is not None:
         os.chown(path, identity.uid, identity.gid if gid is None else gid)
     with contextlib.suppress(OSError):
         os.chmod(path, mode)
+
+
+_OUR_ENTRIES = {"redis", "clamd", "filterd.pid", "filterd.pid.tmp", "metrics"}
+
+
+def _is_ours(path: Path, identity: Identity | None) -> bool:
+    info = path.stat()
+    if identity is not None and info.st_uid == identity.uid:
+        return True
+    if info.st_uid != os.geteuid():
+        return False
+    try:
+        return {p.name for p in path.iterdir()} <= _OUR_ENTRIES
+    except OSError:
+        return False
 
 
 def prepare_state_dir(settings: Settings, identity: Identity | None) -> None:
@@ -141,7 +162,7 @@ def prepare_state_dir(settings: Settings, identity: Identity | None) -> None:
     for sub in ("redis", "clamd"):
         directory = state / sub
         _own(directory, identity)
-        if identity is None:
+        if identity is None or directory.stat().st_uid != identity.uid:
             continue
         for root, dirs, files in os.walk(directory):
             for name in dirs + files:
@@ -237,15 +258,13 @@ def _find_listener(address: SocketAddress, unix_path: Path | None) -> socket.soc
 
 
 def write_pidfile(path: Path, identity: Identity | None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Written as root, owned by the daemon user, who removes it at exit."""
+    if not path.parent.is_dir():
+        _own(path.parent, identity, mode=0o755)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(f"{os.getpid()}\n")
     if identity is not None:
-        # Removed at exit by the unprivileged supervisor.
         os.chown(tmp, identity.uid, identity.gid)
-        with contextlib.suppress(OSError):
-            if path.parent.stat().st_uid == 0:
-                os.chown(path.parent, identity.uid, -1)
     tmp.chmod(0o644)
     tmp.replace(path)
 
@@ -271,6 +290,7 @@ def preload(settings: Settings) -> None:
     Forked workers share these pages; a replacement worker then only builds its own
     clients and loads the model arrays (page-cached). No client, no thread is made here.
     """
+    import filterd.devservers  # private Redis/clamd, started after the drop
     import filterd.milter
     import filterd.pipeline
     import filterd.runtime  # noqa: F401
@@ -323,6 +343,8 @@ class Supervisor:
         # Files we create (private Redis's AOF and dump.rdb, clamd's temp files): 0600.
         os.umask(0o077)
         prepare_state_dir(settings, identity)
+        # Before the drop too: everything the workers import is read while still root.
+        preload(settings)
         listener = Listener(settings, identity)
         pidfile = default_pidfile(settings)
         try:
@@ -334,7 +356,6 @@ class Supervisor:
                 settings = load_settings(self.config)
                 # health.preflight(settings)  # <- the service helper's start-up check goes here:
                 # it may refuse to start (raise) before any worker is forked.
-                preload(settings)
                 return self._supervise(settings, listener)
         finally:
             listener.remove()
@@ -353,7 +374,7 @@ class Supervisor:
             self._fork("metrics")
         log.info(
             "milter listening",
-            extra={"socket": settings.milter.socket, "workers": count, "pid": os.getpid()},
+            extra={"socket": settings.milter.socket, "workers": count},
         )
         announced = False
         while True:
@@ -440,14 +461,14 @@ class Supervisor:
             if not respawn:
                 continue
             lived = time.monotonic() - child.started
-            if lived < _QUICK_DEATH_S:
+            if not child.ready and lived < _QUICK_DEATH_S:
                 self.backoff = min(_MAX_BACKOFF_S, max(0.25, self.backoff * 2))
             else:
                 self.backoff = 0.0
             log.error(
                 "%s exited; starting a new one",
                 child.kind,
-                extra={"pid": pid, "exit": code, "delay_s": self.backoff},
+                extra={"worker_pid": pid, "exit": code, "delay_s": self.backoff},
             )
             self.due.append((time.monotonic() + self.backoff, child.kind))
         return failed_at_start
@@ -483,7 +504,7 @@ class Supervisor:
             signal.sigtimedwait({signal.SIGCHLD}, min(0.5, max(0.0, deadline - time.monotonic())))
             self._reap(respawn=False)
         for child in list(self.children.values()):
-            log.warning("worker did not stop; killing it", extra={"pid": child.pid})
+            log.warning("worker did not stop; killing it", extra={"worker_pid": child.pid})
             self._kill(child.pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(child.pid, 0)

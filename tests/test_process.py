@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -141,7 +143,7 @@ class HeldMessage:
 
 @pytest.mark.parametrize("kind", ["clean", "virus"])
 def test_sigterm_mid_data_gets_the_real_verdict_and_exits_fast(stack, kind: str) -> None:
-    base, daemon, postfix, sink = stack
+    _base, daemon, postfix, sink = stack
     body = plain() if kind == "clean" else plain(body=VIRUS_BODY.decode() + "\n")
     # Every worker has a message between DATA and its final dot.
     held = [HeldMessage(postfix.port, body) for _ in range(3)]
@@ -168,7 +170,7 @@ def test_sigterm_mid_data_gets_the_real_verdict_and_exits_fast(stack, kind: str)
 
 
 def test_new_connections_are_refused_during_the_drain(stack) -> None:
-    base, daemon, postfix, sink = stack
+    _base, daemon, postfix, _sink = stack
     held = HeldMessage(postfix.port, plain())
     daemon.signal(signal.SIGTERM)
     wait_for(lambda: "refusing new connections" in daemon.log(), 5, "the drain to start")
@@ -181,7 +183,7 @@ def test_new_connections_are_refused_during_the_drain(stack) -> None:
 
 
 def test_sigkill_of_a_worker_under_traffic_loses_nothing(stack) -> None:
-    base, daemon, postfix, sink = stack
+    _base, daemon, postfix, sink = stack
     before = worker_pids(daemon)
     assert len(before) == 2
     codes: list[int] = []
@@ -222,38 +224,262 @@ def test_sigkill_of_a_worker_under_traffic_loses_nothing(stack) -> None:
     assert daemon.socket_path.exists()
 
 
+EXE_MAIL = (
+    f"From: <{FROM}>\nTo: <{TO}>\nSubject: f\nMIME-Version: 1.0\n"
+    'Content-Type: multipart/mixed; boundary="b"\n\n--b\nContent-Type: text/plain\n\nhi\n'
+    '--b\nContent-Type: application/octet-stream; name="a.exe"\n'
+    'Content-Disposition: attachment; filename="a.exe"\nContent-Transfer-Encoding: base64\n\n'
+    "TVqQAAMAAAAEAAAA//8AALgAAAAAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n--b--\n"
+).encode()
+
+
+def _lines(daemon: DaemonProcess, text: str, since: int = 0) -> list[str]:
+    return [line for line in daemon.log()[since:].splitlines() if text in line]
+
+
+def _pid_of(line: str) -> int:
+    return int(line.split('"pid": ', 1)[1].split(",", 1)[0].split("}", 1)[0])
+
+
 def test_sighup_reaches_every_worker_under_traffic(stack, clamd_server: ClamdServer) -> None:
-    base, daemon, postfix, sink = stack
-    exe_mail = (
-        f"From: <{FROM}>\nTo: <{TO}>\nSubject: f\nMIME-Version: 1.0\n"
-        'Content-Type: multipart/mixed; boundary="b"\n\n--b\nContent-Type: text/plain\n\nhi\n'
-        '--b\nContent-Type: application/octet-stream; name="a.exe"\n'
-        'Content-Disposition: attachment; filename="a.exe"\nContent-Transfer-Encoding: base64\n\n'
-        "TVqQAAMAAAAEAAAA//8AALgAAAAAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n--b--\n"
-    ).encode()
-    # Attachments on: refused. Then a config without the attachment check is reloaded.
-    assert send_mail(postfix.port, FROM, [TO], exe_mail).data.code == 554  # type: ignore[union-attr]
-    config(base, clamd_server, pipeline={"message_checks": ["antivirus"]})
-    daemon.signal(signal.SIGHUP)
+    base, daemon, postfix, _sink = stack
     pids = worker_pids(daemon)
-    wait_for(
-        lambda: all(f'"pid": {p}' in line for p in pids for line in [_reloads(daemon, p)]),
-        15,
-        "every worker to reload",
-    )
-    # Each worker answers with the new rules: many sessions, spread over both workers.
-    seen: set[int] = set()
-    for _ in range(12):
-        r = send_mail(postfix.port, FROM, [TO], exe_mail)
+    assert len(pids) == 2
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            r = send_mail(postfix.port, FROM, [TO], plain())
+            codes.append(r.data.code if r.data else 0)
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        # Attachments on: refused. Then a configuration without that check is reloaded.
+        assert send_mail(postfix.port, FROM, [TO], EXE_MAIL).data.code == 554  # type: ignore[union-attr]
+        config(base, clamd_server, pipeline={"message_checks": ["antivirus"]})
+        mark = len(daemon.log())
+        daemon.signal(signal.SIGHUP)
+        wait_for(
+            lambda: (
+                {_pid_of(x) for x in _lines(daemon, "configuration reloaded", mark)} == set(pids)
+            ),
+            15,
+            "every worker to reload",
+        )
+    finally:
+        stop.set()
+        thread.join()
+    assert codes and set(codes) == {250}, codes  # nothing deferred by the reload
+    # Each worker answers with the new rules: sessions land on both workers, all pass.
+    mark = len(daemon.log())
+    for _ in range(16):
+        r = send_mail(postfix.port, FROM, [TO], EXE_MAIL)
         assert r.data is not None and r.data.code == 250, r
-    seen = {p for p in pids if f'"pid": {p}' in daemon.log()}
-    assert seen == set(pids)
+    judged_by = {_pid_of(x) for x in _lines(daemon, "message judged", mark)}
+    assert judged_by == set(pids), judged_by
     assert worker_pids(daemon) == pids  # reloaded in place, not restarted
 
 
-def _reloads(daemon: DaemonProcess, pid: int) -> str:
-    return "\n".join(
-        line
-        for line in daemon.log().splitlines()
-        if "configuration reloaded" in line and f'"pid": {pid}' in line
+def test_model_promote_reaches_every_worker(tmp_path: Path) -> None:
+    import random
+    import shutil
+
+    from filterd.classify import registry
+    from filterd.classify.train import train
+    from filterd.settings import PROJECT_ROOT
+    from tests.test_classify import SMALL_CFG, _msg, make_corpus
+
+    base = make_reachable(tmp_path)
+    models = base / "models"
+    shipped = registry.active_name(PROJECT_ROOT / "models")
+    assert shipped
+    shutil.copytree(PROJECT_ROOT / "models" / shipped, models / shipped)
+    registry.promote(models, shipped)
+    corpus = make_corpus(base / "corpus")
+    train(
+        [corpus["ham_md"], corpus["ham_plain"]],
+        [corpus["spam_mbox"], corpus["spam_plain"]],
+        models / "tiny",
+        SMALL_CFG,
     )
+    cfg = write_config(
+        base / "filterd.toml",
+        {
+            "pipeline": {"recipient_checks": [], "message_checks": ["classifier"]},
+            "classifier": {
+                "models_dir": str(models),
+                "reload_check_seconds": 0.2,
+                "reject_threshold": 0.5,
+                "tag_threshold": 0.4,
+            },
+            "milter": {"workers": 2},
+            "records": {"enabled": False},
+            "daemon": {"state_dir": str(base / "state")},
+        },
+    )
+    spam = _msg(1001, True, random.Random(7))
+    with (
+        SmtpSink(base / "sink") as sink,
+        DaemonProcess(base / "d", cfg) as daemon,
+        PostfixServer(
+            base / "pf", sink.port, milter=daemon.milter_for_postfix, milter_default_action="reject"
+        ) as postfix,
+    ):
+        pids = worker_pids(daemon)
+        registry.promote(models, "tiny")
+        # Each worker watches ACTIVE itself (per message, at most every 0.2 s).
+        deadline = time.monotonic() + 20
+        loaded: set[int] = set()
+        while loaded != set(pids):
+            assert time.monotonic() < deadline, f"promotion reached only {loaded} of {pids}"
+            send_mail(postfix.port, "a@example.net", ["b@example.org"], spam)
+            loaded = {_pid_of(x) for x in _lines(daemon, "'tiny' loaded")}
+            time.sleep(0.1)
+        mark = len(daemon.log())
+        for _ in range(12):
+            r = send_mail(postfix.port, "a@example.net", ["b@example.org"], spam)
+            assert r.data is not None and r.data.code == 550, r
+        judged_by = {_pid_of(x) for x in _lines(daemon, "message judged", mark)}
+        assert judged_by == set(pids), judged_by
+
+
+NOBODY = "nobody"
+
+
+def unprivileged_interpreter() -> tuple[list[str], dict[str, str]]:
+    """A Python the unprivileged user can run, with this virtualenv's packages.
+
+    This interpreter if its standard library is readable by that user; else (a pyenv
+    under /root, 0700) the system's /usr/bin/python3 with the virtualenv on PYTHONPATH,
+    which is how a Debian install runs anyway.
+    """
+    import sysconfig
+
+    probe = ["setpriv", "--reuid", NOBODY, "--regid", "nogroup", "--clear-groups"]
+    check = "import pty, email.mime.text, numpy, Milter"
+    site = sysconfig.get_paths()["purelib"]
+    if subprocess.run([*probe, sys.executable, "-c", check], capture_output=True).returncode == 0:
+        return [sys.executable], {}
+    env = {"PYTHONPATH": site}
+    system = "/usr/bin/python3"
+    done = subprocess.run(
+        [*probe, "env", f"PYTHONPATH={site}", system, "-c", check], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"no interpreter the user {NOBODY} can run: {done.stderr[-300:]!r}")
+    return [system], env
+
+
+class AsUser(DaemonProcess):
+    """The daemon started with a given interpreter, optionally under setpriv."""
+
+    def __init__(self, *args: object, python: list[str], prefix: list[str], **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.python = python
+        self.prefix = prefix
+
+    def command(self) -> list[str]:
+        return [*self.prefix, *self.python, "-m", "filterd", "serve", "--config", str(self.config)]
+
+
+def test_started_as_root_it_serves_as_the_unprivileged_user(
+    tmp_path: Path, clamd_server: ClamdServer
+) -> None:
+    import grp
+    import pwd
+    import stat
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    base = make_reachable(tmp_path)
+    run = base / "run"  # does not exist yet: the daemon creates it for its user
+    pidfile = run / "filterd.pid"
+    cfg = config(base, clamd_server, daemon={"user": NOBODY, "pidfile": str(pidfile)})
+    nobody = pwd.getpwnam(NOBODY)
+    python, env = unprivileged_interpreter()
+    env["FILTERD_MILTER_SOCKET"] = f"unix:{run}/m.sock"
+    daemon = AsUser(base / "d", cfg, env=env, python=python, prefix=[])
+    daemon.socket_path = run / "m.sock"
+    with (
+        daemon,
+        SmtpSink(base / "sink") as sink,
+        PostfixServer(
+            base / "pf", sink.port, milter=f"unix:{run}/m.sock", milter_default_action="reject"
+        ) as postfix,
+    ):
+        assert daemon.proc is not None
+        assert int(pidfile.read_text()) == daemon.proc.pid
+        pids = worker_pids(daemon)
+        assert len(pids) == 2
+        for pid in [daemon.proc.pid, *pids]:
+            status = Path(f"/proc/{pid}/status").read_text()
+            uids = next(x for x in status.splitlines() if x.startswith("Uid:")).split()[1:]
+            gids = next(x for x in status.splitlines() if x.startswith("Gid:")).split()[1:]
+            assert set(uids) == {str(nobody.pw_uid)}, (pid, uids)
+            assert set(gids) == {str(nobody.pw_gid)}, (pid, gids)
+        # The private Redis runs as that user too, with its files private.
+        st = base / "st"
+        assert st.stat().st_uid == nobody.pw_uid
+        for path in [st / "redis", *(st / "redis").rglob("*")]:
+            info = path.lstat()
+            assert info.st_uid == nobody.pw_uid, path
+            if not stat.S_ISSOCK(info.st_mode):
+                assert info.st_mode & 0o077 == 0, (path, oct(info.st_mode))
+        # Socket: 0660, Postfix's group; Postfix reaches it (a 250 through a worker).
+        info = (run / "m.sock").stat()
+        assert stat.S_IMODE(info.st_mode) == 0o660
+        assert info.st_gid == grp.getgrnam("postfix").gr_gid
+        r = send_mail(postfix.port, FROM, [TO], plain())
+        assert r.accepted, r
+        virus = send_mail(postfix.port, FROM, [TO], plain(body=VIRUS_BODY.decode() + "\n"))
+        assert virus.data is not None and virus.data.code == 554
+    assert not pidfile.exists(), "pid file left behind"
+    assert not (run / "m.sock").exists(), "socket left behind"
+    assert not [p for p in run.iterdir() if "sock" in p.name], list(run.iterdir())
+
+
+def test_socket_survives_a_worker_exit_when_not_root(
+    tmp_path: Path, clamd_server: ClamdServer
+) -> None:
+    """libmilter unlinks its socket path when a non-root process stops serving."""
+    import pwd
+
+    base = make_reachable(tmp_path)
+    nobody = pwd.getpwnam(NOBODY)
+    home = base / "own"
+    home.mkdir()
+    os.chown(home, nobody.pw_uid, nobody.pw_gid)
+    # Not root at all: the socket cannot get Postfix's group, so it is left open to all.
+    cfg = config(
+        base,
+        clamd_server,
+        daemon={"state_dir": str(home / "st")},
+        milter={"socket_mode": "0666"},
+    )
+
+    python, env = unprivileged_interpreter()
+    setpriv = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
+    daemon = AsUser(home / "d", cfg, env=env, python=python, prefix=setpriv)
+    (home / "d").mkdir()
+    os.chown(home / "d", nobody.pw_uid, nobody.pw_gid)
+    with (
+        daemon,
+        SmtpSink(base / "sink") as sink,
+        PostfixServer(
+            base / "pf", sink.port, milter=daemon.milter_for_postfix, milter_default_action="reject"
+        ) as postfix,
+    ):
+        assert send_mail(postfix.port, FROM, [TO], plain()).accepted
+        first = worker_pids(daemon)
+        os.kill(first[0], signal.SIGTERM)  # a worker that stops on its own
+        wait_for(
+            lambda: len(worker_pids(daemon)) == 2 and first[0] not in worker_pids(daemon),
+            10,
+            "a replacement worker",
+        )
+        assert daemon.socket_path.exists()
+        for _ in range(6):
+            assert send_mail(postfix.port, FROM, [TO], plain()).accepted
+    assert not daemon.socket_path.exists()
