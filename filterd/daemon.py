@@ -112,9 +112,9 @@ class Worker:
         adapter.install(holder)
         thread = threading.Thread(target=self._serve, args=(settings,), name="milter", daemon=True)
         thread.start()
+        log.info("worker serving")
         with contextlib.suppress(ProcessLookupError):
             os.kill(os.getppid(), READY_SIGNAL)
-        log.info("worker serving")
         while not self._stop.is_set():
             self._reload.wait(0.5)
             if self._reload.is_set():

@@ -483,3 +483,74 @@ def test_socket_survives_a_worker_exit_when_not_root(
         for _ in range(6):
             assert send_mail(postfix.port, FROM, [TO], plain()).accepted
     assert not daemon.socket_path.exists()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FILTERD_")}
+    return subprocess.run(
+        [sys.executable, "-m", "filterd", *args], capture_output=True, text=True, env=env
+    )
+
+
+def test_status_reload_and_pidfile_through_the_cli(
+    tmp_path: Path, clamd_server: ClamdServer
+) -> None:
+    import json
+
+    base = make_reachable(tmp_path)
+    cfg = config(base, clamd_server)
+    pidfile = base / "st" / "filterd.pid"  # the default: state_dir/filterd.pid
+    with DaemonProcess(base / "d", cfg) as daemon:
+        assert daemon.proc is not None
+        assert int(pidfile.read_text()) == daemon.proc.pid
+        done = _cli("status", "--json", "--config", str(cfg))
+        assert done.returncode == 0, done.stderr
+        info = json.loads(done.stdout)
+        assert info["running"] and info["pid"] == daemon.proc.pid
+        assert info["workers"] == 2 and info["worker_pids"] == worker_pids(daemon)
+        assert 0 <= info["uptime_seconds"] < 120
+        text = _cli("status", "--config", str(cfg)).stdout
+        assert f"pid {daemon.proc.pid}, 2 workers alive" in text
+
+        mark = len(daemon.log())
+        done = _cli("reload", "--config", str(cfg))
+        assert done.returncode == 0 and str(daemon.proc.pid) in done.stdout, done.stderr
+        wait_for(
+            lambda: (
+                {_pid_of(x) for x in _lines(daemon, "configuration reloaded", mark)}
+                == set(worker_pids(daemon))
+            ),
+            15,
+            "both workers to reload",
+        )
+    assert not pidfile.exists()
+    done = _cli("status", "--config", str(cfg))
+    assert done.returncode == 3 and "not running" in done.stdout
+    assert _cli("reload", "--config", str(cfg)).returncode != 0
+
+
+def test_systemd_is_told_when_every_worker_serves(
+    tmp_path: Path, clamd_server: ClamdServer
+) -> None:
+    base = make_reachable(tmp_path)
+    cfg = config(base, clamd_server)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(base / "notify.sock"))
+    notify.settimeout(20)
+    with notify:
+        with DaemonProcess(base / "d", cfg, env={"NOTIFY_SOCKET": str(base / "notify.sock")}):
+            assert notify.recv(256).decode().startswith("READY=1")
+            # READY only after both workers built their Runtime.
+            assert len(_lines_of(base / "d" / "filterd.log", "worker serving")) == 2
+        assert notify.recv(256).decode() == "STOPPING=1"
+
+
+def test_version() -> None:
+    from filterd import __version__
+
+    done = _cli("--version")
+    assert done.returncode == 0 and __version__ in done.stdout
+
+
+def _lines_of(path: Path, text: str) -> list[str]:
+    return [line for line in path.read_text().splitlines() if text in line]
