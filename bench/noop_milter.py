@@ -9,6 +9,7 @@ process, accepting every message at end of message; the bench compares filterd w
 
 from __future__ import annotations
 
+import os
 import sys
 
 import Milter
@@ -51,6 +52,7 @@ class Noop(Milter.Base):  # type: ignore[misc]
 
 def main() -> None:
     socket_name = sys.argv[1]
+    os.umask(0)  # Postfix's smtpd (user postfix) must be able to write to the socket
     Milter.factory = Noop
     Milter.set_flags(Milter.ADDHDRS)
     # The bench's DaemonProcess waits for this line, as it does for filterd's.

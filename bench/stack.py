@@ -139,6 +139,19 @@ class BenchDaemon(DaemonProcess):
                     hwm += int(value.split()[0])
         return rss, hwm
 
+    def pss_kb(self) -> int:
+        """Proportional set size summed over the processes: shared pages counted once."""
+        total = 0
+        for pid in self.processes():
+            try:
+                text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        return total
+
     def reset_peak(self) -> bool:
         """Reset VmHWM to the current RSS (Linux clear_refs 5); False if not allowed."""
         try:

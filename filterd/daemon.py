@@ -96,6 +96,11 @@ class Worker:
         from filterd.supervisor import EXIT_CONFIG, READY_SIGNAL
 
         _set_process_name(b"filterd-worker")
+        # A supervisor killed outright (SIGKILL, OOM) must not leave workers serving an
+        # unlinked socket: they drain and leave when it dies.
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() == 1:
+            return 1
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGTERM, self._on_term)
         # Ctrl-C reaches the whole process group; the supervisor decides.
@@ -167,11 +172,19 @@ class Worker:
         return 0
 
 
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+
+
+def _prctl(option: int, value: int | bytes) -> None:
+    with contextlib.suppress(Exception):
+        arg = ctypes.c_char_p(value) if isinstance(value, bytes) else ctypes.c_ulong(value)
+        ctypes.CDLL(None).prctl(option, arg, 0, 0, 0)
+
+
 def _set_process_name(name: bytes) -> None:
     """Name the worker in ps/top and /proc/PID/comm (`filterd status` counts them)."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None)
-        libc.prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
+    _prctl(_PR_SET_NAME, name)
 
 
 def _selftest(runtime: Runtime) -> None:

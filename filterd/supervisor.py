@@ -388,8 +388,12 @@ class Supervisor:
             sig = info.si_signo
             if sig == signal.SIGCHLD:
                 failed = self._reap(respawn=True)
-                if failed and not self.ever_ready and not self._workers():
+                if failed and not self.ever_ready:
+                    # A build error is the same for every worker: say so and stop, rather
+                    # than fork forever. Later (a replacement after a broken edit) the
+                    # workers still serving keep the mail flowing and retries back off.
                     log.error("no worker could start; see the errors above")
+                    self.due.clear()
                     self._stop_children(0.0)
                     return 1
             elif sig == READY_SIGNAL:

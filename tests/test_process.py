@@ -554,3 +554,33 @@ def test_version() -> None:
 
 def _lines_of(path: Path, text: str) -> list[str]:
     return [line for line in path.read_text().splitlines() if text in line]
+
+
+def test_workers_leave_when_the_supervisor_is_killed(
+    tmp_path: Path, clamd_server: ClamdServer
+) -> None:
+    base = make_reachable(tmp_path)
+    daemon = DaemonProcess(base / "d", config(base, clamd_server)).start()
+    try:
+        pids = worker_pids(daemon)
+        assert len(pids) == 2
+        assert daemon.proc is not None
+        daemon.proc.kill()
+        daemon.proc.wait()
+        # No orphan keeps serving an unlinked socket (PR_SET_PDEATHSIG): they drain and go.
+        wait_for(lambda: not [p for p in pids if Path(f"/proc/{p}").exists()], 10, "workers")
+    finally:
+        daemon.stop()
+
+
+def test_a_worker_that_cannot_start_stops_serve_with_the_reason(
+    tmp_path: Path, clamd_server: ClamdServer
+) -> None:
+    base = make_reachable(tmp_path)
+    cfg = config(base, clamd_server, attachments={"banned_file": str(base / "missing.toml")})
+    daemon = DaemonProcess(base / "d", cfg)
+    with pytest.raises(RuntimeError, match="exited at start"):
+        daemon.start(timeout=30)
+    assert "worker cannot start" in daemon.log() and "missing.toml" in daemon.log()
+    assert "no worker could start" in daemon.log()
+    assert not daemon.socket_path.exists()
