@@ -343,9 +343,11 @@ class Supervisor:
         # Files we create (private Redis's AOF and dump.rdb, clamd's temp files): 0600.
         os.umask(0o077)
         prepare_state_dir(settings, identity)
+        # The socket first: from now on Postfix's connections wait in the listen queue for
+        # the first worker instead of being refused (451 for every sender).
+        listener = Listener(settings, identity)
         # Before the drop too: everything the workers import is read while still root.
         preload(settings)
-        listener = Listener(settings, identity)
         pidfile = default_pidfile(settings)
         try:
             write_pidfile(pidfile, identity)
