@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -77,15 +78,23 @@ class Worker:
     libmilter blocks and consumes SIGHUP/SIGTERM in the thread that runs it, so
     the milter runs in a thread and the main thread keeps Python's signal
     handlers. SIGHUP rebuilds the Runtime in place (connections keep the one they
-    started with). SIGTERM comes after the supervisor has shut the listening
-    socket for reading: no new connection reaches this worker, and it exits as
-    soon as its in-flight messages have their verdicts (or ``drain_seconds``).
+    started with).
+
+    SIGTERM (the supervisor has already closed its copies of the listening socket):
+    the worker puts one end of an idle socketpair in place of the listener's
+    descriptor (dup2), so libmilter's accept loop keeps running -- its sessions go on
+    -- but polls a descriptor that never becomes ready. Once every worker has done
+    so, the kernel closes the listener and refuses new connections at once. The
+    worker exits as soon as its in-flight messages have their verdicts (at most
+    ``drain_seconds``). Neither ``smfi_stop()`` nor ``shutdown()`` can do this:
+    both make libmilter abandon sessions that sit between two commands.
     """
 
-    def __init__(self, config: Path | None, socket_name: str, conn: str) -> None:
+    def __init__(self, config: Path | None, conn: str, listen_fd: int) -> None:
         self.config = config
-        self.socket_name = socket_name
         self.conn = conn
+        self.listen_fd = listen_fd
+        self._idle = socket.socketpair()
         self._stop = threading.Event()
         self._reload = threading.Event()
 
@@ -143,6 +152,12 @@ class Worker:
         self._reload.set()
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
+        if not self._stop.is_set():
+            from filterd.supervisor import RELEASED_SIGNAL
+
+            with contextlib.suppress(OSError):
+                os.dup2(self._idle[0].fileno(), self.listen_fd)
+                os.kill(os.getppid(), RELEASED_SIGNAL)
         self._stop.set()
         self._reload.set()
 

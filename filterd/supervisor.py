@@ -54,9 +54,18 @@ MILTER_NAME = "filterd"
 #: Worker → supervisor: "my Runtime is built; I serve". A real-time signal, so two
 #: workers becoming ready at once are two signals (standard signals merge).
 READY_SIGNAL = signal.SIGRTMIN
+#: Worker → supervisor: "I no longer poll the listening socket" (during a drain).
+RELEASED_SIGNAL = signal.SIGRTMIN + 1
 #: A worker that cannot build its Runtime at all (bad configuration, no model).
 EXIT_CONFIG = 3
-_WAITED = {signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT, READY_SIGNAL}
+_WAITED = {
+    signal.SIGCHLD,
+    signal.SIGHUP,
+    signal.SIGTERM,
+    signal.SIGINT,
+    READY_SIGNAL,
+    RELEASED_SIGNAL,
+}
 # A worker that dies sooner than this after its start is restarted with a growing delay.
 _QUICK_DEATH_S = 2.0
 _MAX_BACKOFF_S = 10.0
@@ -196,7 +205,9 @@ class Listener:
         libmilter.settimeout(settings.milter.timeout)
         libmilter.register(MILTER_NAME)
         libmilter.opensocket(True)
-        self.sock = _find_listener(self.address, self.paths[1] if self.paths else None)
+        # libmilter's own descriptor (the number every worker's libmilter polls), and our
+        # duplicate of it for setsockopt.
+        self.fd, self.sock = _find_listener(self.address, self.paths[1] if self.paths else None)
         if self.address.is_unix:
             self._publish(identity)
         else:
@@ -219,10 +230,28 @@ class Listener:
             public.unlink()
         os.link(private, public)
 
-    def refuse_new(self) -> None:
-        """Refuse new connections in every worker; accepted sessions go on."""
+    def refuse_new(self, shutdown: bool) -> None:
+        """Close the listening socket for good, once the workers have let go of it.
+
+        Each worker, on SIGTERM, puts an idle descriptor in place of the listener (see
+        ``Worker``), so libmilter's accept loop no longer watches it. Then
+        ``shutdown()`` here makes the kernel refuse new connections at once, also those
+        in the listen queue. Called on a socket a worker's libmilter still polls,
+        ``shutdown()`` would end that accept loop with an error, and libmilter then
+        abandons every session in progress (measured over TCP: the held messages got
+        Postfix's default action) -- hence ``shutdown=False`` when a worker did not
+        confirm: the socket then closes when the last poll on it times out.
+        """
+        if shutdown:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RD)
+            os.close(self.fd)
+
+    def close_duplicate(self) -> None:
+        """In a forked child: drop the supervisor's duplicate (libmilter keeps ``fd``)."""
+        self.sock.close()
 
     def remove(self) -> None:
         for path in self.paths:
@@ -234,7 +263,7 @@ class Listener:
                 log.warning("cannot remove the socket: %s", exc, extra={"path": str(path)})
 
 
-def _find_listener(address: SocketAddress, unix_path: Path | None) -> socket.socket:
+def _find_listener(address: SocketAddress, unix_path: Path | None) -> tuple[int, socket.socket]:
     """libmilter owns the socket and does not expose it: find it among our fds."""
     for entry in sorted(Path("/proc/self/fd").iterdir(), key=lambda p: p.name):
         try:
@@ -248,9 +277,9 @@ def _find_listener(address: SocketAddress, unix_path: Path | None) -> socket.soc
                 name = sock.getsockname()
                 if unix_path is not None and sock.family == socket.AF_UNIX:
                     if name == str(unix_path):
-                        return sock
+                        return int(entry.name), sock
                 elif sock.family in (socket.AF_INET, socket.AF_INET6) and name[1] == address.port:
-                    return sock
+                    return int(entry.name), sock
         except OSError:
             pass
         sock.close()
@@ -432,11 +461,15 @@ class Supervisor:
     def _child_main(self, kind: str) -> NoReturn:
         code = 1
         try:
+            self.listener.close_duplicate()
             if kind == "worker":
                 from filterd.daemon import Worker
 
-                code = Worker(self.config, self.settings.milter.socket, self.listener.conn).run()
+                code = Worker(self.config, self.listener.conn, self.listener.fd).run()
             else:
+                # Holding the listener would keep it accepting after a drain.
+                with contextlib.suppress(OSError):
+                    os.close(self.listener.fd)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _WAITED)
                 metrics.serve_http(self.settings)
                 code = 0
@@ -497,14 +530,36 @@ class Supervisor:
         sd_notify("STOPPING=1")
         log.info("stopping: refusing new connections, draining in-flight messages")
         self.due.clear()
-        self.listener.refuse_new()
-        self._stop_children(seconds)
+        for child in list(self.children.values()):
+            self._kill(child.pid, signal.SIGTERM)
+        released = self._wait_released(2.0)
+        self.listener.refuse_new(shutdown=released)
+        self._stop_children(seconds, signalled=True)
         log.info("stopped")
         return 0
 
-    def _stop_children(self, seconds: float) -> None:
-        for child in list(self.children.values()):
-            self._kill(child.pid, signal.SIGTERM)
+    def _wait_released(self, seconds: float) -> bool:
+        """True once every worker has let go of the listener (RELEASED_SIGNAL)."""
+        pending = {c.pid for c in self._workers()}
+        deadline = time.monotonic() + seconds
+        while pending and time.monotonic() < deadline:
+            info = signal.sigtimedwait(
+                {RELEASED_SIGNAL, signal.SIGCHLD}, max(0.0, deadline - time.monotonic())
+            )
+            if info is None:
+                break
+            if info.si_signo == RELEASED_SIGNAL:
+                pending.discard(info.si_pid)
+            else:
+                pending = {p for p in pending if _alive_child(p)}
+        if pending:
+            log.warning("workers did not release the socket in time", extra={"n": len(pending)})
+        return not pending
+
+    def _stop_children(self, seconds: float, signalled: bool = False) -> None:
+        if not signalled:
+            for child in list(self.children.values()):
+                self._kill(child.pid, signal.SIGTERM)
         # Workers exit as soon as their messages have verdicts; the margin covers their
         # own drain deadline.
         deadline = time.monotonic() + seconds + 5.0
@@ -517,6 +572,13 @@ class Supervisor:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(child.pid, 0)
             self.children.pop(child.pid, None)
+
+
+def _alive_child(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == 0
+    except ChildProcessError:
+        return False
 
 
 def sd_notify(state: str) -> None:

@@ -169,12 +169,39 @@ def test_sigterm_mid_data_gets_the_real_verdict_and_exits_fast(stack, kind: str)
         assert len(sink.wait_for_messages(3, timeout=15)) == 3
 
 
+def test_sigterm_mid_data_over_tcp(tmp_path: Path, clamd_server: ClamdServer) -> None:
+    """The drain on the inet socket: the held message gets its 250, the daemon exits."""
+    from filterd.devservers import free_port
+
+    base = make_reachable(tmp_path)
+    with (
+        DaemonProcess(base / "d", config(base, clamd_server), tcp_port=free_port()) as daemon,
+        SmtpSink(base / "sink") as sink,
+        PostfixServer(
+            base / "pf", sink.port, milter=daemon.milter_for_postfix, milter_default_action="reject"
+        ) as postfix,
+    ):
+        held = [HeldMessage(postfix.port, plain()) for _ in range(2)]
+        daemon.signal(signal.SIGTERM)
+        wait_for(lambda: "refusing new connections" in daemon.log(), 5, "the drain to start")
+        t0 = time.monotonic()
+        late = send_mail(postfix.port, FROM, [TO], plain())
+        # Refused at once (Postfix's default action), not served and not left waiting.
+        assert not late.accepted and time.monotonic() - t0 < 2
+        assert [h.finish()[0] for h in held] == [250, 250]
+        assert daemon.proc is not None
+        daemon.proc.wait(timeout=5)
+        assert daemon.proc.returncode == 0
+
+
 def test_new_connections_are_refused_during_the_drain(stack) -> None:
     _base, daemon, postfix, _sink = stack
     held = HeldMessage(postfix.port, plain())
     daemon.signal(signal.SIGTERM)
     wait_for(lambda: "refusing new connections" in daemon.log(), 5, "the drain to start")
+    t0 = time.monotonic()
     late = send_mail(postfix.port, FROM, [TO], plain())
+    assert time.monotonic() - t0 < 2
     # Postfix could not reach a milter: its default action (reject) at once, not a hang.
     replies = [late.banner, late.ehlo, late.mail, *late.rcpts.values(), late.data]
     refused = [r for r in replies if r is not None and r.code >= 400]
@@ -183,16 +210,24 @@ def test_new_connections_are_refused_during_the_drain(stack) -> None:
 
 
 def test_sigkill_of_a_worker_under_traffic_loses_nothing(stack) -> None:
-    _base, daemon, postfix, sink = stack
+    _base, daemon, postfix, _sink = stack
     before = worker_pids(daemon)
     assert len(before) == 2
     codes: list[int] = []
+    queued: list[str] = []
+    odd: list[object] = []
     stop = threading.Event()
 
     def traffic() -> None:
         while not stop.is_set():
             r = send_mail(postfix.port, FROM, [TO], plain())
-            codes.append(r.data.code if r.data else (r.mail.code if r.mail else 0))
+            replies = [r.mail, *r.rcpts.values(), r.data]
+            failed = [x.code for x in replies if x is not None and x.code >= 400]
+            codes.append(failed[0] if failed else (r.data.code if r.data else 0))
+            if r.accepted:
+                queued.append(r.queue_id or f"no queue id in {r.data}")
+            elif codes[-1] != 550:
+                odd.append(r)
 
     threads = [threading.Thread(target=traffic) for _ in range(3)]
     for t in threads:
@@ -206,20 +241,26 @@ def test_sigkill_of_a_worker_under_traffic_loses_nothing(stack) -> None:
             "a replacement worker",
         )
         replaced = worker_pids(daemon)
-        assert before[0] not in replaced and before[1] in replaced
+        assert before[1] in replaced
         n = len(codes)
         wait_for(lambda: len(codes) >= n + 10, 30, "traffic after the replacement")
     finally:
         stop.set()
         for t in threads:
             t.join()
-    # The killed worker's message (if it held one) got Postfix's default action; every
-    # message was answered, and every accepted one reached the sink.
-    assert set(codes) <= {250, 550, 554, 451}, codes
-    assert codes.count(250) >= len(codes) - 3, codes
-    accepted = codes.count(250)
-    wait_for(lambda: len(sink.messages()) >= accepted, 20, "deliveries")
-    assert len(sink.messages()) == accepted
+    # Every message was answered: a 250 (judged by a worker: milter_default_action is
+    # reject) or, for the sessions the killed worker held, Postfix's default action (at
+    # RCPT or at the end of the message, wherever the session was).
+    assert len(codes) == len(queued) + codes.count(550), sorted(set(codes)) + odd
+    assert codes.count(550) <= 3, codes
+    # Nothing accepted was lost: Postfix delivered every queue id it answered 250 for.
+    wait_for(
+        lambda: all(f"{q}: to=<{TO}>" in postfix.maillog() for q in queued),
+        30,
+        "every accepted message to be delivered",
+    )
+    sent = [line for line in postfix.maillog().splitlines() if "status=sent" in line]
+    assert {q for q in queued} <= {line.split()[5].rstrip(":") for line in sent}
     assert send_mail(postfix.port, FROM, [TO], plain()).accepted
     assert daemon.socket_path.exists()
 
@@ -495,6 +536,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_status_reload_and_pidfile_through_the_cli(
     tmp_path: Path, clamd_server: ClamdServer
 ) -> None:
+    import grp
     import json
 
     base = make_reachable(tmp_path)
@@ -509,6 +551,15 @@ def test_status_reload_and_pidfile_through_the_cli(
         assert info["running"] and info["pid"] == daemon.proc.pid
         assert info["workers"] == 2 and info["worker_pids"] == worker_pids(daemon)
         assert 0 <= info["uptime_seconds"] < 120
+        # Started as root without a filterd user: still no file of the private Redis
+        # (addresses, IPs) is readable by others, and the socket is Postfix's group only.
+        redis_dir = base / "st" / "redis"
+        wait_for(lambda: any(redis_dir.rglob("*.aof")), 10, "the AOF")
+        for path in [redis_dir, *redis_dir.rglob("*")]:
+            assert path.lstat().st_mode & 0o077 == 0 or path.is_socket(), path
+        sock = daemon.socket_path.stat()
+        assert sock.st_mode & 0o777 == 0o660
+        assert sock.st_gid == grp.getgrnam("postfix").gr_gid
         text = _cli("status", "--config", str(cfg)).stdout
         assert f"pid {daemon.proc.pid}, 2 workers alive" in text
 
