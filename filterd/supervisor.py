@@ -194,6 +194,7 @@ class Listener:
             if not public.parent.is_dir():
                 # Postfix's smtpd must traverse it: group = the socket group.
                 _own(public.parent, identity, socket_gid(settings), 0o750)
+            _remove_stale_names(public)
             private = public.with_name(f".{public.name}.{os.getpid()}")
             self.conn = f"unix:{private}"
             self.paths = [public, private]
@@ -261,6 +262,15 @@ class Listener:
                 pass
             except OSError as exc:
                 log.warning("cannot remove the socket: %s", exc, extra={"path": str(path)})
+
+
+def _remove_stale_names(public: Path) -> None:
+    """Private socket names left by a supervisor that was killed (its pid is gone)."""
+    for path in public.parent.glob(f".{public.name}.*"):
+        pid = path.name.rsplit(".", 1)[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def _find_listener(address: SocketAddress, unix_path: Path | None) -> tuple[int, socket.socket]:

@@ -620,6 +620,12 @@ def test_workers_leave_when_the_supervisor_is_killed(
         daemon.proc.wait()
         # No orphan keeps serving an unlinked socket (PR_SET_PDEATHSIG): they drain and go.
         wait_for(lambda: not [p for p in pids if Path(f"/proc/{p}").exists()], 10, "workers")
+        stale = list(daemon.socket_path.parent.glob(".milter.sock.*"))
+        assert stale  # the killed supervisor's private name
+        # The next start takes the socket over and removes what the killed one left.
+        daemon.start()
+        assert not [p for p in stale if p.exists()]
+        assert daemon.socket_path.exists()
     finally:
         daemon.stop()
 
