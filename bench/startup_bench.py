@@ -54,6 +54,13 @@ MSG = (
 )
 
 
+class Supervised(st.BenchDaemon):
+    """Started as packaging/filterd.service does: the supervisor without the admin CLI."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "filterd.supervisor", "--config", str(self.config)]
+
+
 def first_250(port: int, t0: float, deadline_s: float = 30.0) -> float:
     while time.monotonic() - t0 < deadline_s:
         r = send_mail(port, "alice@example.net", ["bob@example.org"], MSG, timeout=10)
@@ -84,6 +91,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--entry",
+        choices=("unit", "cli"),
+        default="unit",
+        help="python -m filterd.supervisor (the unit's ExecStart) or `filterd serve`",
+    )
     args = ap.parse_args()
     base = make_reachable(Path(tempfile.mkdtemp(prefix="filterd-startup-")))
     classifier = st.model_available()
@@ -113,7 +126,11 @@ def main() -> int:
             base / "state", redis.url, clamd.address, rbl.nameserver, classifier, False
         )
         cfg = write_config(base / "filterd.toml", cfg_data)
-        daemon = st.BenchDaemon(base / "daemon", cfg, "unix")
+        daemon = (
+            Supervised(base / "daemon", cfg, "unix")
+            if args.entry == "unit"
+            else (st.BenchDaemon(base / "daemon", cfg, "unix"))
+        )
         with PostfixServer(
             base / "pf",
             sink.port,
@@ -164,7 +181,7 @@ def main() -> int:
         k: {"median_s": round(statistics.median(v), 3), "max_s": round(max(v), 3)}
         for k, v in results.items()
     }
-    print(f"\nclassifier: {classifier}; {args.runs} runs; every check on")
+    print(f"\nclassifier: {classifier}; {args.runs} runs; every check on; entry: {args.entry}")
     for key, value in summary.items():
         print(f"  {key:28s} median {value['median_s']:.2f} s, max {value['max_s']:.2f} s")
     if args.json:

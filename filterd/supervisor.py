@@ -39,14 +39,23 @@ import os
 import pwd
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn, Protocol
 
 from filterd import metrics
 from filterd.addresses import SocketAddress, parse_milter_socket
-from filterd.settings import Settings, load_settings
+from filterd.settings import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    DaemonConfig,
+    MilterConfig,
+    Settings,
+    load_settings,
+    resolve_path,
+)
 
 log = logging.getLogger("filterd.supervisor")
 
@@ -73,6 +82,60 @@ _MAX_BACKOFF_S = 10.0
 _SINGLE_THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+class CoreSettings(Protocol):
+    """What the supervisor needs before the whole configuration is loaded."""
+
+    @property
+    def source(self) -> Path: ...
+
+    @property
+    def milter(self) -> MilterConfig: ...
+
+    @property
+    def daemon(self) -> DaemonConfig: ...
+
+    def resolve_path(self, value: str) -> Path: ...
+
+
+@dataclass(frozen=True)
+class EarlySettings:
+    source: Path
+    milter: MilterConfig
+    daemon: DaemonConfig
+
+    def resolve_path(self, value: str) -> Path:
+        return resolve_path(value)
+
+
+def early_settings(config: Path | None) -> CoreSettings:
+    """[milter] and [daemon] alone, validated by their own models, for opening the socket.
+
+    The whole configuration imports every check (numpy, scipy, the model code: about a
+    second); the socket does not need them. Until it exists, Postfix answers every
+    sender 451; once it exists, connections wait in its listen queue. Anything unusual
+    here falls back to the full load, whose errors name the key.
+    """
+    try:
+        import tomllib
+
+        source = Path(config or os.environ.get("FILTERD_CONFIG") or DEFAULT_CONFIG)
+        data = tomllib.loads(source.read_text(encoding="utf-8"))
+        sections: dict[str, Any] = {}
+        for name, model in (("milter", MilterConfig), ("daemon", DaemonConfig)):
+            values = dict(data.get(name, {}))
+            prefix = f"FILTERD_{name.upper()}_"
+            for key, raw in os.environ.items():
+                if key.startswith(prefix):
+                    try:
+                        values[key[len(prefix) :].lower()] = tomllib.loads(f"v = {raw}")["v"]
+                    except tomllib.TOMLDecodeError:
+                        values[key[len(prefix) :].lower()] = raw
+            sections[name] = model.model_validate(values)
+        return EarlySettings(source, sections["milter"], sections["daemon"])
+    except Exception:  # noqa: BLE001 - the full load reports it properly
+        return load_settings(config)
+
+
 @dataclass(frozen=True)
 class Identity:
     name: str
@@ -80,13 +143,13 @@ class Identity:
     gid: int
 
 
-def default_pidfile(settings: Settings) -> Path:
+def default_pidfile(settings: CoreSettings) -> Path:
     if settings.daemon.pidfile:
         return settings.resolve_path(settings.daemon.pidfile)
     return settings.resolve_path(settings.daemon.state_dir) / "filterd.pid"
 
 
-def resolve_identity(settings: Settings) -> Identity | None:
+def resolve_identity(settings: CoreSettings) -> Identity | None:
     """The user to run as, or None to keep the current one."""
     wanted = settings.daemon.user
     if os.geteuid() != 0:
@@ -106,15 +169,13 @@ def resolve_identity(settings: Settings) -> Identity | None:
     try:
         entry = pwd.getpwnam(wanted)
     except KeyError:
-        from filterd.settings import ConfigError
-
         raise ConfigError(f"{settings.source}: [daemon] user: no such user {wanted!r}") from None
     if entry.pw_uid == 0:
         return None
     return Identity(wanted, entry.pw_uid, entry.pw_gid)
 
 
-def socket_gid(settings: Settings) -> int | None:
+def socket_gid(settings: CoreSettings) -> int | None:
     name = settings.milter.socket_group or "postfix"
     try:
         return grp.getgrnam(name).gr_gid
@@ -164,7 +225,7 @@ def _is_ours(path: Path, identity: Identity | None) -> bool:
         return False
 
 
-def prepare_state_dir(settings: Settings, identity: Identity | None) -> None:
+def prepare_state_dir(settings: CoreSettings, identity: Identity | None) -> None:
     """Private Redis/clamd files (addresses, IPs in the AOF) are the daemon user's only."""
     state = settings.resolve_path(settings.daemon.state_dir)
     _own(state, identity)
@@ -182,7 +243,7 @@ def prepare_state_dir(settings: Settings, identity: Identity | None) -> None:
 class Listener:
     """libmilter's listening socket, opened once in the supervisor."""
 
-    def __init__(self, settings: Settings, identity: Identity | None) -> None:
+    def __init__(self, settings: CoreSettings, identity: Identity | None) -> None:
         import Milter
         import milter as libmilter
 
@@ -363,8 +424,9 @@ class _Child:
 
 
 class Supervisor:
-    def __init__(self, config: Path | None) -> None:
+    def __init__(self, config: Path | None, log_filter: bool = False) -> None:
         self.config = config
+        self.log_filter = log_filter
         self.children: dict[int, _Child] = {}
         self.due: list[tuple[float, str]] = []  # (when, kind) of replacements to fork
         self.backoff = 0.0
@@ -377,18 +439,23 @@ class Supervisor:
 
         for name in _SINGLE_THREAD_ENV:
             os.environ.setdefault(name, "1")
-        settings = load_settings(self.config)
-        identity = resolve_identity(settings)
+        core = early_settings(self.config)
+        identity = resolve_identity(core)
         # Files we create (private Redis's AOF and dump.rdb, clamd's temp files): 0600.
         os.umask(0o077)
-        prepare_state_dir(settings, identity)
+        prepare_state_dir(core, identity)
         # The socket first: from now on Postfix's connections wait in the listen queue for
         # the first worker instead of being refused (451 for every sender).
-        listener = Listener(settings, identity)
-        # Before the drop too: everything the workers import is read while still root.
-        preload(settings)
-        pidfile = default_pidfile(settings)
+        listener = Listener(core, identity)
+        pidfile = default_pidfile(core)
         try:
+            settings = load_settings(self.config)
+            if self.log_filter:
+                from filterd.records.logfilter import install_from_config
+
+                install_from_config(settings.section("records"))
+            # Before the drop too: everything the workers import is read while still root.
+            preload(settings)
             write_pidfile(pidfile, identity)
             drop_privileges(identity)
             metrics.prepare(settings)
@@ -657,3 +724,30 @@ def daemon_status(settings: Settings) -> dict[str, object]:
         uptime = boot_uptime - int(fields[19]) / ticks  # field 22 (starttime)
     info.update(workers=len(workers), worker_pids=sorted(workers), uptime_seconds=uptime)
     return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m filterd.supervisor [--config PATH]``: `filterd serve` without the CLI.
+
+    The systemd unit starts the daemon this way: the `filterd` command imports every
+    admin command (and numpy with them) before it could open the socket.
+    """
+    import argparse
+
+    from filterd.logsetup import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m filterd.supervisor")
+    parser.add_argument("--config", type=Path, default=None)
+    args = parser.parse_args(argv)
+    try:
+        setup_logging(early_settings(args.config).daemon.log_level)
+        return Supervisor(args.config, log_filter=True).run()
+    except ConfigError as exc:
+        print(f"filterd: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    from filterd.supervisor import main as _main  # the module, not this __main__ copy
+
+    sys.exit(_main())

@@ -61,7 +61,8 @@ def test_make_install_stages_unit_user_dirs_and_config(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     unit = (dest / "etc/systemd/system/filterd.service").read_text()
-    assert "ExecStart=/opt/filterd/.venv/bin/filterd serve" in unit and "@PREFIX@" not in unit
+    assert "ExecStart=/opt/filterd/.venv/bin/python -m filterd.supervisor" in unit
+    assert "@PREFIX@" not in unit
     assert (dest / "opt/filterd/filterd/supervisor.py").exists()
     assert (dest / "opt/filterd/rules/filterd.toml").exists()
     passwd = (dest / "etc/passwd").read_text().splitlines()

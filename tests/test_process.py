@@ -588,12 +588,29 @@ def test_systemd_is_told_when_every_worker_serves(
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(base / "notify.sock"))
     notify.settimeout(20)
+
+    class AsSystemdStartsIt(DaemonProcess):
+        def command(self) -> list[str]:  # packaging/filterd.service's ExecStart
+            return [sys.executable, "-m", "filterd.supervisor", "--config", str(self.config)]
+
     with notify:
-        with DaemonProcess(base / "d", cfg, env={"NOTIFY_SOCKET": str(base / "notify.sock")}):
+        env = {"NOTIFY_SOCKET": str(base / "notify.sock")}
+        with AsSystemdStartsIt(base / "d", cfg, env=env) as daemon:
+            assert send_mail_through(daemon, base).accepted
             assert notify.recv(256).decode().startswith("READY=1")
             # READY only after both workers built their Runtime.
             assert len(_lines_of(base / "d" / "filterd.log", "worker serving")) == 2
         assert notify.recv(256).decode() == "STOPPING=1"
+
+
+def send_mail_through(daemon: DaemonProcess, base: Path) -> object:
+    with (
+        SmtpSink(base / "sink") as sink,
+        PostfixServer(
+            base / "pf", sink.port, milter=daemon.milter_for_postfix, milter_default_action="reject"
+        ) as postfix,
+    ):
+        return send_mail(postfix.port, FROM, [TO], plain())
 
 
 def test_version() -> None:
