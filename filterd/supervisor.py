@@ -427,6 +427,7 @@ class Supervisor:
     def __init__(self, config: Path | None, log_filter: bool = False) -> None:
         self.config = config
         self.log_filter = log_filter
+        self.stop_requested = False
         self.children: dict[int, _Child] = {}
         self.due: list[tuple[float, str]] = []  # (when, kind) of replacements to fork
         self.backoff = 0.0
@@ -439,6 +440,10 @@ class Supervisor:
 
         for name in _SINGLE_THREAD_ENV:
             os.environ.setdefault(name, "1")
+        # Until the loop waits for signals, a SIGTERM only sets a flag: stopping then still
+        # removes the socket and stops the private servers (not blocked: they inherit the mask).
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._early_signal)
         core = early_settings(self.config)
         identity = resolve_identity(core)
         # Files we create (private Redis's AOF and dump.rdb, clamd's temp files): 0600.
@@ -470,10 +475,19 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 pidfile.unlink()
 
+    def _early_signal(self, signum: int, frame: object) -> None:
+        if signum != signal.SIGHUP:  # a reload before the workers exist has nothing to do
+            self.stop_requested = True
+
     # -- the loop ---------------------------------------------------------------------------
     def _supervise(self, settings: Settings, listener: Listener) -> int:
         count = settings.milter.workers or len(os.sched_getaffinity(0))
         signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        if self.stop_requested:
+            log.info("stopped before serving")
+            return 0
         self.listener = listener
         self.settings = settings
         for _ in range(count):
