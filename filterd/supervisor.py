@@ -451,7 +451,12 @@ class Supervisor:
         prepare_state_dir(core, identity)
         # The socket first: from now on Postfix's connections wait in the listen queue for
         # the first worker instead of being refused (451 for every sender).
-        listener = Listener(core, identity)
+        try:
+            listener = Listener(core, identity)
+        except Exception as exc:  # noqa: BLE001 - OSError, milter.error: name the socket
+            raise ConfigError(
+                f"{core.source}: [milter] socket {core.milter.socket}: cannot listen: {exc}"
+            ) from None
         pidfile = default_pidfile(core)
         try:
             settings = load_settings(self.config)

@@ -529,7 +529,11 @@ def test_socket_survives_a_worker_exit_when_not_root(
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FILTERD_")}
     return subprocess.run(
-        [sys.executable, "-m", "filterd", *args], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "filterd", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
 
 
@@ -658,3 +662,18 @@ def test_a_worker_that_cannot_start_stops_serve_with_the_reason(
     assert "worker cannot start" in daemon.log() and "missing.toml" in daemon.log()
     assert "no worker could start" in daemon.log()
     assert not daemon.socket_path.exists()
+
+
+def test_a_socket_in_use_stops_serve_with_the_socket_named(
+    tmp_path: Path, clamd_server: ClamdServer
+) -> None:
+    base = make_reachable(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = config(base, clamd_server, milter={"socket": f"inet:{port}@127.0.0.1"})
+        done = _cli("serve", "--config", str(cfg))
+    assert done.returncode != 0
+    assert f"inet:{port}@127.0.0.1: cannot listen" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
