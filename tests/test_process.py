@@ -369,6 +369,9 @@ def test_model_promote_reaches_every_worker(tmp_path: Path) -> None:
         ) as postfix,
     ):
         pids = worker_pids(daemon)
+        # The supervisor preloaded the model (numpy, scoring) and still has one thread.
+        assert daemon.proc is not None
+        assert "Threads:\t1\n" in Path(f"/proc/{daemon.proc.pid}/status").read_text()
         registry.promote(models, "tiny")
         # Each worker watches ACTIVE itself (per message, at most every 0.2 s).
         deadline = time.monotonic() + 20
@@ -564,6 +567,9 @@ def test_status_reload_and_pidfile_through_the_cli(
         sock = daemon.socket_path.stat()
         assert sock.st_mode & 0o777 == 0o660
         assert sock.st_gid == grp.getgrnam("postfix").gr_gid
+        # The supervisor forks: it must have no thread of its own (numpy's BLAS pool included).
+        status = Path(f"/proc/{daemon.proc.pid}/status").read_text()
+        assert "Threads:\t1\n" in status
         text = _cli("status", "--config", str(cfg)).stdout
         assert f"pid {daemon.proc.pid}, 2 workers alive" in text
 
