@@ -31,6 +31,8 @@ SYSTEM_CLAMAV_DB = Path("/var/lib/clamav")
 MILTER_NAME = "filterd"
 # After the last in-flight verdict left eom(), libmilter still has to write it.
 _REPLY_LINGER_S = 0.25
+# During a drain, how long a session with no message in progress may still start one.
+_SESSION_GRACE_S = 2.0
 
 
 def _has_signatures(directory: Path) -> bool:
@@ -95,6 +97,7 @@ class Worker:
         self.conn = conn
         self.listen_fd = listen_fd
         self._idle = socket.socketpair()
+        self.sessions = _Counter()
         self._stop = threading.Event()
         self._reload = threading.Event()
 
@@ -124,6 +127,7 @@ class Worker:
         _selftest(runtime)
         holder = adapter.RuntimeHolder(runtime)
         adapter.install(holder)
+        Milter.factory = _counted(Milter.factory, self.sessions)
         thread = threading.Thread(target=self._serve, args=(settings,), name="milter", daemon=True)
         thread.start()
         log.info("worker serving")
@@ -176,7 +180,18 @@ class Worker:
     def _drain(self, holder: adapter.RuntimeHolder, seconds: float) -> int:
         log.info("worker draining", extra={"in_flight": holder.in_flight})
         deadline = time.monotonic() + seconds
-        while holder.in_flight > 0 and time.monotonic() < deadline:
+        idle_since: float | None = None
+        while time.monotonic() < deadline:
+            if holder.in_flight > 0:
+                idle_since = None
+            elif self.sessions.value == 0:
+                break
+            else:
+                # A session accepted before the socket closed but between messages (or not
+                # yet at MAIL): its client usually sends QUIT, or its next MAIL, at once.
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > _SESSION_GRACE_S:
+                    break
             time.sleep(0.02)
         if holder.in_flight:
             log.warning("drain timed out", extra={"in_flight": holder.in_flight})
@@ -185,6 +200,35 @@ class Worker:
         holder.current.retire()
         log.info("worker stopped")
         return 0
+
+
+class _Counter:
+    """Open milter sessions of this worker (libmilter runs each in its own thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, delta: int) -> None:
+        with self._lock:
+            self.value += delta
+
+
+def _counted(factory: type, sessions: _Counter) -> type:
+    """The milter class, counting its open sessions for the drain; behaviour unchanged."""
+
+    class Counted(factory):  # type: ignore[valid-type, misc]
+        def __init__(self) -> None:
+            super().__init__()
+            sessions.add(1)
+
+        def close(self) -> int:
+            try:
+                return int(super().close())
+            finally:
+                sessions.add(-1)
+
+    return Counted
 
 
 _PR_SET_PDEATHSIG = 1

@@ -99,22 +99,29 @@ def stack(
 class HeldMessage:
     """An SMTP session over a raw socket, stopped between DATA and the final dot."""
 
-    def __init__(self, port: int, body: bytes) -> None:
+    def __init__(self, port: int, body: bytes, after_ehlo: bool = False) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         self.buf = b""
         self.expect(220)
-        for line, code in (
-            (b"EHLO client.example.net", 250),
-            (f"MAIL FROM:<{FROM}>".encode(), 250),
-            (f"RCPT TO:<{TO}>".encode(), 250),
-            (b"DATA", 354),
-        ):
-            self.sock.sendall(line + b"\r\n")
-            self.expect(code)
-        lines = body.replace(b"\r\n", b"\n").split(b"\n")
+        self.body = body
+        self.send(b"EHLO client.example.net", 250)
+        self.started = not after_ehlo
+        if self.started:
+            self.start_message()
+
+    def send(self, line: bytes, code: int) -> None:
+        self.sock.sendall(line + b"\r\n")
+        self.expect(code)
+
+    def start_message(self) -> None:
+        self.send(f"MAIL FROM:<{FROM}>".encode(), 250)
+        self.send(f"RCPT TO:<{TO}>".encode(), 250)
+        self.send(b"DATA", 354)
+        lines = self.body.replace(b"\r\n", b"\n").split(b"\n")
         half = len(lines) // 2
         self.rest = b"\r\n".join(lines[half:]) + b"\r\n.\r\n"
         self.sock.sendall(b"\r\n".join(lines[:half]) + b"\r\n")
+        self.started = True
 
     def reply(self) -> tuple[int, str]:
         """Read one (possibly multi-line) SMTP reply."""
@@ -134,6 +141,8 @@ class HeldMessage:
         assert got[0] == code, got
 
     def finish(self) -> tuple[int, str]:
+        if not self.started:
+            self.start_message()
         self.sock.sendall(self.rest)
         result = self.reply()
         self.sock.sendall(b"QUIT\r\n")
@@ -167,6 +176,21 @@ def test_sigterm_mid_data_gets_the_real_verdict_and_exits_fast(stack, kind: str)
     assert not [p for p in daemon.socket_path.parent.iterdir() if p.name.startswith(".milter")]
     if kind == "clean":
         assert len(sink.wait_for_messages(3, timeout=15)) == 3
+
+
+def test_sigterm_while_a_session_waits_before_mail(stack) -> None:
+    """A session accepted before the drain but not yet at MAIL still gets its verdict."""
+    _base, daemon, postfix, sink = stack
+    early = HeldMessage(postfix.port, plain(), after_ehlo=True)
+    held = HeldMessage(postfix.port, plain())
+    daemon.signal(signal.SIGTERM)
+    wait_for(lambda: "refusing new connections" in daemon.log(), 5, "the drain to start")
+    time.sleep(0.3)
+    assert early.finish()[0] == 250
+    assert held.finish()[0] == 250
+    assert daemon.proc is not None
+    daemon.proc.wait(timeout=5)
+    assert len(sink.wait_for_messages(2, timeout=15)) == 2
 
 
 def test_sigterm_mid_data_over_tcp(tmp_path: Path, clamd_server: ClamdServer) -> None:
