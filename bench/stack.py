@@ -82,8 +82,10 @@ class BenchDaemon(DaemonProcess):
         reply_events: str = "",
         nodelay: bool = False,
         extra_env: dict[str, str] | None = None,
+        noop: bool = False,
     ) -> None:
         self.kind = kind
+        self.noop = noop
         self.port = free_port() if kind == "inet" else 0
         env = {}
         if reply_events:
@@ -98,6 +100,9 @@ class BenchDaemon(DaemonProcess):
         super().__init__(workdir, config, env, tcp_port=self.port or None)
 
     def command(self) -> list[str]:
+        if self.noop:
+            noop = Path(__file__).with_name("noop_milter.py")
+            return [sys.executable, str(noop), self.milter_socket]
         if not self.variant:
             return super().command()
         variant = Path(__file__).with_name("milter_variants.py")
@@ -108,19 +113,50 @@ class BenchDaemon(DaemonProcess):
         assert self.proc is not None
         return self.proc.pid
 
+    def processes(self) -> list[int]:
+        """The supervisor and its workers (filterd forks; the bench's servers are not ours)."""
+        import load
+
+        return [self.pid, *load.descendants(self.pid)]
+
     def rss_kb(self) -> tuple[int, int]:
-        """(current VmRSS, peak VmHWM) in KiB, from /proc."""
-        fields = {}
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0])
-        return fields["VmRSS"], fields["VmHWM"]
+        """(current VmRSS, peak VmHWM) in KiB, summed over the supervisor and its workers.
+
+        Pages the workers share with the supervisor (imports, forked before) count once
+        per process here, so the sum is an upper bound of what the daemon occupies.
+        """
+        rss = hwm = 0
+        for pid in self.processes():
+            try:
+                lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                key, _, value = line.partition(":")
+                if key == "VmRSS":
+                    rss += int(value.split()[0])
+                elif key == "VmHWM":
+                    hwm += int(value.split()[0])
+        return rss, hwm
+
+    def pss_kb(self) -> int:
+        """Proportional set size summed over the processes: shared pages counted once."""
+        total = 0
+        for pid in self.processes():
+            try:
+                text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        return total
 
     def reset_peak(self) -> bool:
         """Reset VmHWM to the current RSS (Linux clear_refs 5); False if not allowed."""
         try:
-            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+            for pid in self.processes():
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
             return True
         except OSError:
             return False
@@ -191,6 +227,8 @@ class DaemonSpec:
     nodelay: bool = False  # TCP_NODELAY on the listener (bench/milter_variants.py)
     #: FILTERD_* settings overrides, or BENCH_* switches of bench/milter_variants.py
     env: tuple[tuple[str, str], ...] = ()
+    #: a do-nothing pymilter milter (bench/noop_milter.py) instead of filterd
+    noop: bool = False
 
 
 @dataclass
@@ -254,6 +292,7 @@ def running_stack(
                 spec.reply_events,
                 spec.nodelay,
                 dict(spec.env),
+                spec.noop,
             )
             es.callback(daemon.stop)
             daemon.start(timeout=60)

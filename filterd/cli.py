@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from filterd import __version__
 from filterd.check import check as check_command
 from filterd.cliopts import CONFIG_OPTION
 from filterd.logsetup import setup_logging
@@ -23,6 +24,7 @@ from filterd.settings import ConfigError, load_settings
 
 
 @click.group()
+@click.version_option(__version__, prog_name="filterd")
 def main() -> None:
     """filterd: a privacy-first spam and virus filter for Postfix."""
 
@@ -30,8 +32,8 @@ def main() -> None:
 @main.command()
 @CONFIG_OPTION
 def serve(config_path: Path | None) -> None:
-    """Run the milter daemon (SIGHUP reloads, SIGTERM drains and stops)."""
-    from filterd.daemon import Daemon
+    """Run the milter daemon: a supervisor and its workers (SIGHUP reloads, SIGTERM drains)."""
+    from filterd.supervisor import Supervisor
 
     try:
         settings = load_settings(config_path)
@@ -40,10 +42,48 @@ def serve(config_path: Path | None) -> None:
     setup_logging(settings.daemon.log_level)
     install_logfilter(settings.section("records"))
     try:
-        code = Daemon(config_path).run()
+        code = Supervisor(config_path).run()
     except (ConfigError, CheckBuildError) as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(code)
+
+
+@main.command()
+@CONFIG_OPTION
+def reload(config_path: Path | None) -> None:
+    """Tell the running daemon to reload configuration, lists and model (SIGHUP)."""
+    import signal
+
+    from filterd.supervisor import signal_daemon
+
+    try:
+        pid = signal_daemon(load_settings(config_path), signal.SIGHUP)
+    except (ConfigError, LookupError, PermissionError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"reload requested (pid {pid})")
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
+def status(config_path: Path | None, as_json: bool) -> None:
+    """Is the daemon running? Pid, workers alive, uptime. Exit 3 when it is not running."""
+    from filterd.supervisor import daemon_status
+
+    try:
+        info = daemon_status(load_settings(config_path))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(info))
+    elif info["running"]:
+        click.echo(
+            f"filterd running: pid {info['pid']}, {info['workers']} workers alive, "
+            f"up {info['uptime_seconds']:.0f} s, socket {info['socket']}"
+        )
+    else:
+        click.echo(f"filterd not running (pid file {info['pidfile']})")
+    sys.exit(0 if info["running"] else 3)
 
 
 @main.command()

@@ -1,100 +1,128 @@
-"""`filterd serve`: process lifecycle around the milter.
+"""The milter worker process, and the private services `filterd serve` starts.
 
-Owns what no single connection should: private services when none are
-configured, the Runtime swap on SIGHUP, and the drain on SIGTERM. libmilter
-blocks and consumes SIGHUP/SIGTERM in the thread that runs it, so the milter
-runs in a worker thread and the main thread keeps Python's signal handlers.
+The supervisor (filterd/supervisor.py) opens the socket and forks workers; each
+worker owns what no single connection should: its Runtime, the swap on SIGHUP
+and its part of the drain on SIGTERM.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
 import socket
 import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
 import Milter
-import milter as libmilter
 
-from filterd import health, metrics
+from filterd import metrics
 from filterd import milter as adapter
-from filterd.addresses import parse_milter_socket
 from filterd.runtime import Runtime
-from filterd.services.private import private_services
 from filterd.settings import Settings, load_settings
 
 log = logging.getLogger("filterd.daemon")
 
+MILTER_NAME = "filterd"
+# After the last in-flight verdict left eom(), libmilter still has to write it.
+_REPLY_LINGER_S = 0.25
+# During a drain, how long a session with no message in progress may still start one.
+_SESSION_GRACE_S = 2.0
 
-class Daemon:
-    def __init__(self, config: Path | None, env: Mapping[str, str] | None = None) -> None:
+
+class Worker:
+    """One forked worker: its own Runtime, libmilter serving the inherited socket.
+
+    libmilter blocks and consumes SIGHUP/SIGTERM in the thread that runs it, so
+    the milter runs in a thread and the main thread keeps Python's signal
+    handlers. SIGHUP rebuilds the Runtime in place (connections keep the one they
+    started with).
+
+    SIGTERM (the supervisor has already closed its copies of the listening socket):
+    the worker puts one end of an idle socketpair in place of the listener's
+    descriptor (dup2), so libmilter's accept loop keeps running -- its sessions go on
+    -- but polls a descriptor that never becomes ready. Once every worker has done
+    so, the kernel closes the listener and refuses new connections at once. The
+    worker exits as soon as its in-flight messages have their verdicts (at most
+    ``drain_seconds``). Neither ``smfi_stop()`` nor ``shutdown()`` can do this:
+    both make libmilter abandon sessions that sit between two commands.
+    """
+
+    def __init__(self, config: Path | None, conn: str, listen_fd: int) -> None:
         self.config = config
-        self.env = dict(os.environ if env is None else env)
+        self.conn = conn
+        self.listen_fd = listen_fd
+        self._idle = socket.socketpair()
+        self.sessions = _Counter()
         self._stop = threading.Event()
         self._reload = threading.Event()
 
     def load(self) -> Settings:
-        return load_settings(self.config, self.env)
+        return load_settings(self.config)
 
     def run(self) -> int:
-        first = self.load()
-        with private_services(first) as overrides:
-            self.env.update(overrides)
+        from filterd.supervisor import EXIT_CONFIG, READY_SIGNAL
+
+        _set_process_name(b"filterd-worker")
+        # A supervisor killed outright (SIGKILL, OOM) must not leave workers serving an
+        # unlinked socket: they drain and leave when it dies.
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() == 1:
+            return 1
+        signal.signal(signal.SIGHUP, self._on_hup)
+        signal.signal(signal.SIGTERM, self._on_term)
+        # Ctrl-C reaches the whole process group; the supervisor decides.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        try:
             settings = self.load()
-            # --- service helper (issue 14): start-up health check, then metrics. The lead
-            # replaces start_single_process with the supervisor's metrics.prepare/serve_http.
-            health.enforce(settings, health.preflight(settings))
-            metrics.start_single_process(settings)
             runtime = Runtime(settings)
-            _selftest(runtime)
-            holder = adapter.RuntimeHolder(runtime)
-            adapter.install(holder)
-            metrics.watch(holder)
-            signal.signal(signal.SIGHUP, self._on_hup)
-            signal.signal(signal.SIGTERM, self._on_term)
-            signal.signal(signal.SIGINT, self._on_term)
-            thread = threading.Thread(
-                target=self._serve, args=(settings,), name="milter", daemon=True
-            )
-            thread.start()
-            while not self._stop.is_set():
-                self._reload.wait(0.5)
-                if self._reload.is_set():
-                    self._reload.clear()
-                    self._do_reload(holder)
-                if not thread.is_alive():
-                    log.error("milter thread ended unexpectedly")
-                    return 1
-            return self._drain(holder, settings.milter.drain_seconds)
+        except Exception as exc:  # noqa: BLE001 - reported; the supervisor decides
+            log.error("worker cannot start: %s", exc)
+            return EXIT_CONFIG
+        _selftest(runtime)
+        holder = adapter.RuntimeHolder(runtime)
+        adapter.install(holder)
+        metrics.watch(holder)
+        Milter.factory = _counted(Milter.factory, self.sessions)
+        thread = threading.Thread(target=self._serve, args=(settings,), name="milter", daemon=True)
+        thread.start()
+        log.info("worker serving")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(os.getppid(), READY_SIGNAL)
+        while not self._stop.is_set():
+            self._reload.wait(0.5)
+            if self._reload.is_set():
+                self._reload.clear()
+                self._do_reload(holder)
+            if not thread.is_alive() and not self._stop.is_set():
+                # The listener ended (the supervisor shut it, or an error): finish what
+                # was accepted, then leave to be replaced.
+                log.warning("milter listener ended")
+                self._drain(holder, settings.milter.drain_seconds)
+                return 1
+        return self._drain(holder, holder.current.settings.milter.drain_seconds)
 
     def _serve(self, settings: Settings) -> None:
-        address = parse_milter_socket(settings.milter.socket)
-        if address.is_unix:
-            Path(address.path).parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(address.path)
-            mode = int(settings.milter.socket_mode, 8)
-            threading.Thread(target=_chmod_socket, args=(address.path, mode), daemon=True).start()
-        else:
-            threading.Thread(target=_set_nodelay, args=(address.port,), daemon=True).start()
-        Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS)  # CHGHDRS: outbound header stripping
-        log.info("milter listening", extra={"socket": settings.milter.socket})
         try:
-            Milter.runmilter("filterd", settings.milter.socket, settings.milter.timeout)
+            Milter.runmilter(MILTER_NAME, self.conn, settings.milter.timeout)
         except Exception:
             log.exception("milter stopped with an error")
-        log.info("milter listener stopped")
 
     def _on_hup(self, signum: int, frame: FrameType | None) -> None:
         self._reload.set()
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
+        if not self._stop.is_set():
+            from filterd.supervisor import RELEASED_SIGNAL
+
+            with contextlib.suppress(OSError):
+                os.dup2(self._idle[0].fileno(), self.listen_fd)
+                os.kill(os.getppid(), RELEASED_SIGNAL)
         self._stop.set()
         self._reload.set()
 
@@ -111,57 +139,72 @@ class Daemon:
         log.info("configuration reloaded")
 
     def _drain(self, holder: adapter.RuntimeHolder, seconds: float) -> int:
-        log.info("stopping: draining in-flight messages", extra={"in_flight": holder.in_flight})
-        libmilter.stop()
+        log.info("worker draining", extra={"in_flight": holder.in_flight})
         deadline = time.monotonic() + seconds
-        while holder.in_flight > 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        idle_since: float | None = None
+        while time.monotonic() < deadline:
+            if holder.in_flight > 0:
+                idle_since = None
+            elif self.sessions.value == 0:
+                break
+            else:
+                # A session accepted before the socket closed but between messages (or not
+                # yet at MAIL): its client usually sends QUIT, or its next MAIL, at once.
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > _SESSION_GRACE_S:
+                    break
+            time.sleep(0.02)
         if holder.in_flight:
             log.warning("drain timed out", extra={"in_flight": holder.in_flight})
+        else:
+            time.sleep(_REPLY_LINGER_S)
         holder.current.retire()
-        log.info("stopped")
+        log.info("worker stopped")
         return 0
 
 
-def _chmod_socket(path: str, mode: int) -> None:
-    """libmilter creates the socket with the process umask; Postfix needs write access."""
-    deadline = time.monotonic() + 10
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    with contextlib.suppress(OSError):
-        os.chmod(path, mode)
+class _Counter:
+    """Open milter sessions of this worker (libmilter runs each in its own thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, delta: int) -> None:
+        with self._lock:
+            self.value += delta
 
 
-def _set_nodelay(port: int) -> None:
-    """TCP_NODELAY on libmilter's listening socket (accepted sockets inherit it).
+def _counted(factory: type, sessions: _Counter) -> type:
+    """The milter class, counting its open sessions for the drain; behaviour unchanged."""
 
-    libmilter never sets it, and writes an end-of-message reply in pieces (each
-    added header, then the verdict): with Nagle on, Postfix's delayed ACK holds
-    the rest back ~40 ms per message. libmilter owns the socket, so find it by port.
-    """
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for entry in Path("/proc/self/fd").iterdir():
+    class Counted(factory):  # type: ignore[valid-type, misc]
+        def __init__(self) -> None:
+            super().__init__()
+            sessions.add(1)
+
+        def close(self) -> int:
             try:
-                if not os.readlink(entry).startswith("socket:"):
-                    continue
-                sock = socket.socket(fileno=os.dup(int(entry.name)))
-            except (OSError, ValueError):
-                continue
-            with sock:
-                try:
-                    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                    if (
-                        sock.family in (socket.AF_INET, socket.AF_INET6)
-                        and listening
-                        and (sock.getsockname()[1] == port)
-                    ):
-                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                        return
-                except OSError:
-                    continue
-        time.sleep(0.01)
-    log.warning("could not set TCP_NODELAY on the milter socket", extra={"port": port})
+                return int(super().close())
+            finally:
+                sessions.add(-1)
+
+    return Counted
+
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+
+
+def _prctl(option: int, value: int | bytes) -> None:
+    with contextlib.suppress(Exception):
+        arg = ctypes.c_char_p(value) if isinstance(value, bytes) else ctypes.c_ulong(value)
+        ctypes.CDLL(None).prctl(option, arg, 0, 0, 0)
+
+
+def _set_process_name(name: bytes) -> None:
+    """Name the worker in ps/top and /proc/PID/comm (`filterd status` counts them)."""
+    _prctl(_PR_SET_NAME, name)
 
 
 def _selftest(runtime: Runtime) -> None:

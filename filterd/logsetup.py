@@ -24,6 +24,8 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            # One daemon is several processes (supervisor, workers): say which one.
+            "pid": record.process,
             "msg": record.getMessage(),
         }
         for key, value in vars(record).items():

@@ -25,7 +25,6 @@ never from message data, so no address, IP, subject or mailbox can reach the tex
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -500,34 +499,3 @@ def serve_http(settings: Settings) -> None:
     finally:
         httpd.shutdown()
         httpd.server_close()
-
-
-# --------------------------------------------------------------------------------------------
-# Single-process daemon hook (the supervisor replaces it at merge)
-
-
-def start_single_process(settings: Settings) -> None:
-    """For the single-process daemon: prepare, then serve_http in a forked child.
-
-    Forked before the Runtime exists (no threads yet). The child exits by itself
-    when this process is gone (it watches its parent) and is terminated at exit.
-    """
-    if not enabled(settings):
-        return
-    import atexit
-    import multiprocessing
-
-    global _SUPERVISOR_PID
-    prepare(settings)
-    _SUPERVISOR_PID = None  # this process is also the (only) worker
-    child = multiprocessing.get_context("fork").Process(
-        target=serve_http, args=(settings,), name="filterd-metrics", daemon=True
-    )
-    child.start()
-
-    def _stop() -> None:
-        with contextlib.suppress(Exception):
-            child.terminate()
-            child.join(5)
-
-    atexit.register(_stop)

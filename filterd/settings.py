@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from filterd.addresses import AddressError, parse_milter_socket
 from filterd.errors import ConfigError as ConfigError  # re-exported: its old home
@@ -44,7 +44,12 @@ class MilterConfig(Section):
     # libmilter's per-connection I/O timeout in seconds.
     timeout: int = 600
     # Unix socket permissions: Postfix's smtpd (user postfix) must be able to write.
-    socket_mode: str = "0666"
+    # 0660 with socket_group: only Postfix's group reaches it (0666 let any local user).
+    socket_mode: str = "0660"
+    # Group of the unix socket; "" = "postfix" when that group exists.
+    socket_group: str = ""
+    # Worker processes that share the socket; 0 = one per CPU.
+    workers: int = Field(default=0, ge=0, le=256)
     # Bodies above this size are not kept; the message gets `oversize_action`.
     max_message_bytes: int = 50 * 1024 * 1024
     # Bodies up to this size stay in memory; larger ones spill to spool_dir.
@@ -114,6 +119,11 @@ class DaemonConfig(Section):
     # A fail-closed dependency (clamd, Redis, model) down at start: refuse to start,
     # or start "degraded" (logged at ERROR; mail needing it gets 4xx). filterd.health.
     on_dependency_down: Literal["refuse", "degraded"] = "refuse"
+    # Unprivileged user the daemon runs as after binding, when started as root;
+    # "" = "filterd" when that user exists (else it stays root and says so).
+    user: str = ""
+    # Pid file of the supervisor (`filterd reload` / `status` read it); "" = state_dir/filterd.pid.
+    pidfile: str = ""
 
 
 _CORE_SECTIONS: dict[str, type[Section]] = {

@@ -65,6 +65,7 @@ class DaemonProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.workdir, 0o755)
         log = self.log_path.open("ab")
+        offset = log.tell()
         self.proc = subprocess.Popen(
             self.command(),
             cwd=ROOT,
@@ -77,7 +78,9 @@ class DaemonProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"filterd exited at start:\n{self.log()[-3000:]}")
-            if self._answers():
+            # The socket answers as soon as the supervisor opened it (connections wait in
+            # the backlog); "milter ready" says every worker has built its Runtime.
+            if self._answers() and '"milter ready"' in self.log()[offset:]:
                 return self
             time.sleep(0.05)
         self.stop()

@@ -59,6 +59,10 @@ class RedisServer(_PortOrSocketServer):
         return f"redis://{LOOPBACK}:{self._port}/0"
 
     def _prepare(self) -> None:
+        if self.persistent:
+            # The AOF and dump.rdb hold addresses and IPs: nobody else may read them,
+            # whatever umask redis-server writes them with.
+            self.workdir.chmod(0o700)
         if self.socket_path is not None:
             _check_unix_path(self.socket_path)
             self.socket_path.unlink(missing_ok=True)
