@@ -57,7 +57,6 @@ class Worker:
         self.conn = conn
         self.listen_fd = listen_fd
         self._idle = socket.socketpair()
-        self.sessions = _Counter()
         self._stop = threading.Event()
         self._reload = threading.Event()
 
@@ -88,7 +87,6 @@ class Worker:
         holder = adapter.RuntimeHolder(runtime)
         adapter.install(holder)
         metrics.watch(holder)
-        Milter.factory = _counted(Milter.factory, self.sessions)
         thread = threading.Thread(target=self._serve, args=(settings,), name="milter", daemon=True)
         thread.start()
         log.info("worker serving")
@@ -145,7 +143,7 @@ class Worker:
         while time.monotonic() < deadline:
             if holder.in_flight > 0:
                 idle_since = None
-            elif self.sessions.value == 0:
+            elif holder.sessions == 0:
                 break
             else:
                 # A session accepted before the socket closed but between messages (or not
@@ -161,35 +159,6 @@ class Worker:
         holder.current.retire()
         log.info("worker stopped")
         return 0
-
-
-class _Counter:
-    """Open milter sessions of this worker (libmilter runs each in its own thread)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.value = 0
-
-    def add(self, delta: int) -> None:
-        with self._lock:
-            self.value += delta
-
-
-def _counted(factory: type, sessions: _Counter) -> type:
-    """The milter class, counting its open sessions for the drain; behaviour unchanged."""
-
-    class Counted(factory):  # type: ignore[valid-type, misc]
-        def __init__(self) -> None:
-            super().__init__()
-            sessions.add(1)
-
-        def close(self) -> int:
-            try:
-                return int(super().close())
-            finally:
-                sessions.add(-1)
-
-    return Counted
 
 
 _PR_SET_PDEATHSIG = 1

@@ -40,16 +40,29 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class RuntimeHolder:
-    """The Runtime currently in service, swapped atomically on reload."""
+    """The Runtime currently in service, swapped atomically on reload.
+
+    It also counts what a drain waits for: ``in_flight`` transactions (MAIL FROM
+    to end of message) and open ``sessions`` (connections, with or without one).
+    """
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
         self._lock = threading.Lock()
         self.in_flight = 0
+        self.sessions = 0
 
     def acquire(self) -> Runtime:
+        """A connection starts: the Runtime it keeps until it closes."""
         with self._lock:
+            self.sessions += 1
             return self._runtime.acquire()
+
+    def release(self, runtime: Runtime) -> None:
+        """The connection that acquired ``runtime`` has closed."""
+        with self._lock:
+            self.sessions -= 1
+        runtime.release()
 
     def swap(self, runtime: Runtime) -> Runtime:
         with self._lock:
@@ -277,5 +290,5 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
 
     def close(self) -> int:
         self._end_transaction()
-        self.runtime.release()
+        self.holder.release(self.runtime)
         return Milter.CONTINUE
