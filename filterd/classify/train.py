@@ -201,6 +201,20 @@ def fit_sgd(
     return coef / members, b / members
 
 
+def fit_matrix(X: Any, y: np.ndarray, cfg: TrainConfig) -> tuple[np.ndarray, float]:
+    """:func:`fit_sgd` over an in-memory CSR matrix, shuffled batches of ``cfg.batch_size``."""
+    rng = np.random.default_rng(cfg.seed)
+    y = np.asarray(y, dtype=np.int64)
+
+    def batches(_ep: int) -> Iterator[tuple[Any, np.ndarray]]:
+        order = rng.permutation(y.shape[0])
+        for i in range(0, order.size, cfg.batch_size):
+            rows = order[i : i + cfg.batch_size]
+            yield X[rows], y[rows]
+
+    return fit_sgd(batches, X.shape[1], cfg)
+
+
 def _fit_on_cache(
     cache: Cache, cfg: TrainConfig, exclude_fold: int | None
 ) -> tuple[np.ndarray, float]:
