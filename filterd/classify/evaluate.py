@@ -116,9 +116,15 @@ def _by_group(s: np.ndarray, groups: np.ndarray, t: float) -> dict[str, Any]:
 def format_metrics(m: dict[str, Any]) -> str:
     lines = [f"messages: {m['n_ham']} ham, {m['n_spam']} spam", f"ROC AUC: {m['roc_auc']:.5f}"]
     for f, e in m["recall_at_fpr"].items():
+        n_allowed = int(np.floor(float(f) * m["n_ham"] + 1e-9))
+        note = (
+            f"{n_allowed} of {m['n_ham']} ham over"
+            if n_allowed
+            else f"NOT MEASURABLE with {m['n_ham']} ham: threshold above every ham"
+        )
         lines.append(
             f"spam recall at ham FPR {float(f) * 100:g}%: {e['spam_recall'] * 100:.2f}%"
-            f"  (threshold {e['threshold']:.6g})"
+            f"  (threshold {e['threshold']:.6g}; {note})"
         )
     for name, c in (m.get("at_thresholds") or {}).items():
         lines.append(
@@ -131,7 +137,15 @@ def format_metrics(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def roc_png(y: np.ndarray, s: np.ndarray, path: str, title: str = "ROC") -> None:
+def roc_png(
+    y: np.ndarray,
+    s: np.ndarray,
+    path: str,
+    title: str = "ROC",
+    thresholds: dict[str, float] | None = None,
+) -> None:
+    """ROC curve on a log FPR axis, from 1/n_ham (no extrapolation below what the ham can show),
+    with the served thresholds marked where they fall on the curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,20 +153,41 @@ def roc_png(y: np.ndarray, s: np.ndarray, path: str, title: str = "ROC") -> None
 
     y = np.asarray(y).astype(bool)
     s = np.asarray(s, dtype=np.float64)
+    n_ham, n_spam = int((~y).sum()), int(y.sum())
     order = np.argsort(-s, kind="stable")
     ys = y[order]
-    tpr = np.concatenate([[0.0], np.cumsum(ys) / max(1, ys.sum())])
-    fpr = np.concatenate([[0.0], np.cumsum(~ys) / max(1, (~ys).sum())])
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.plot(np.maximum(fpr, 1e-4), tpr)
+    tpr = np.cumsum(ys) / max(1, n_spam)
+    fpr = np.cumsum(~ys) / max(1, n_ham)
+    floor = 1.0 / max(1, n_ham)
+    # Below one ham the curve says nothing: the leftmost point is FPR = 1/n_ham, with the recall
+    # reached just before the first ham passes.
+    keep = fpr >= floor
+    xs = np.concatenate([[floor], fpr[keep]])
+    first = tpr[~keep][-1] if (~keep).any() else 0.0
+    ys_ = np.concatenate([[first], tpr[keep]])
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    ax.plot(xs, ys_, lw=1.5, label=f"{n_ham} ham, {n_spam} spam")
     ax.set_xscale("log")
-    ax.set_xlim(1e-4, 1)
-    ax.set_xlabel("ham false-positive rate (log)")
+    ax.set_xlim(floor, 1)
+    ax.set_xlabel(f"ham false-positive rate (log; starts at 1/{n_ham})")
     ax.set_ylabel("spam recall")
     for f in FPR_POINTS:
-        ax.axvline(f, color="grey", lw=0.5, ls="--")
+        if f >= floor:
+            ax.axvline(f, color="grey", lw=0.5, ls="--")
+    colors = {"reject": "red", "tag": "orange"}
+    for name, t in (thresholds or {}).items():
+        hf = float((s[~y] >= t).mean()) if n_ham else float("nan")
+        sr = float((s[y] >= t).mean()) if n_spam else float("nan")
+        ax.plot(
+            [max(hf, floor)],
+            [sr],
+            "o",
+            color=colors.get(name, "black"),
+            label=f"{name} p>={t:.3g}: spam {sr * 100:.1f}%, ham {hf * 100:.2f}%",
+        )
     ax.set_title(f"{title}  AUC={roc_auc(y, s):.5f}")
     ax.grid(True, which="both", lw=0.3)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -53,16 +53,29 @@ def fit_score(fit: Fitter, score: Scorer, train: Rows, test: Rows) -> np.ndarray
     return score(coef, b, test.X, test.evidence)
 
 
-def loso_scores(fit: Fitter, score: Scorer, rows: Rows) -> np.ndarray:
+def loso_scores(
+    fit: Fitter, score: Scorer, rows: Rows, strata: Sequence[str] = (), folds: int = 5
+) -> np.ndarray:
     """Out-of-source score of every row: each source scored by a model trained on the others.
 
-    A source whose removal leaves one class only is scored by k-fold CV instead (marked by the
-    caller if it matters); with a single source this is plain CV.
+    ``strata`` are sets that are not sources but a difficulty stratum of other sources
+    (SpamAssassin's ``hard_ham`` is the spam-like part of the same mailboxes as ``easy_ham``):
+    they are scored out-of-fold (k folds, the rest of the stratum and every other source in
+    training), never left out whole.  A source whose removal leaves one class only is scored by
+    k-fold CV too; with a single source this is plain CV.
     """
     s = np.full(rows.y.shape[0], np.nan)
+    rng = np.random.default_rng(0)
     for src in np.unique(rows.source):
         m = rows.source == src
         rest = ~m
+        if str(src) in strata:
+            fold = rng.integers(0, folds, rows.y.shape[0])
+            for f in range(folds):
+                mf = m & (fold == f)
+                if mf.any():
+                    s[mf] = fit_score(fit, score, subset(rows, ~mf), subset(rows, mf))
+            continue
         if len(np.unique(rows.y[rest])) < 2:
             continue
         s[m] = fit_score(fit, score, subset(rows, rest), subset(rows, m))
@@ -83,7 +96,7 @@ def cv_scores(fit: Fitter, score: Scorer, rows: Rows, folds: int = 5, seed: int 
 
 
 def ship_threshold(
-    fit: Fitter, score: Scorer, rows: Rows, fpr: float = 0.001
+    fit: Fitter, score: Scorer, rows: Rows, fpr: float = 0.001, strata: Sequence[str] = ()
 ) -> tuple[float, int, str]:
     """The reject threshold a model trained on ``rows`` would ship with, and how it was chosen.
 
@@ -91,9 +104,9 @@ def ship_threshold(
     sources (ham the model did not see from a source it did not see: the situation it serves in),
     else on 5-fold out-of-fold ham scores.  Returns (threshold, ham it rests on, method).
     """
-    ham_sources = np.unique(rows.source[rows.y == 0])
-    if ham_sources.size >= 2:
-        s = loso_scores(fit, score, rows)
+    ham_sources = [h for h in np.unique(rows.source[rows.y == 0]) if str(h) not in strata]
+    if len(ham_sources) >= 2:
+        s = loso_scores(fit, score, rows, strata)
         method = "pooled leave-one-source-out ham"
     else:
         s = cv_scores(fit, score, rows)
