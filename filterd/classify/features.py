@@ -809,8 +809,13 @@ def _payload_bytes(part: email.message.Message, toks: list[str]) -> bytes:
     return bytes(data)
 
 
-def extract_features(raw: bytes | email.message.Message) -> list[str]:
+def extract_features(
+    raw: bytes | email.message.Message, raw_size: int | None = None
+) -> list[str]:
     """Message bytes (or a parsed Message) -> feature tokens (with repetitions).
+
+    For a parsed message pass ``raw_size`` (its size in bytes counting CRLF as one byte) to get the
+    same tokens as from its bytes; the headers are not parsed again.
 
     Never raises: on an unexpected internal error the tokens gathered so far are returned with
     an ``x:`` marker token.
@@ -819,7 +824,7 @@ def extract_features(raw: bytes | email.message.Message) -> list[str]:
     try:
         if isinstance(raw, email.message.Message):
             msg = raw
-            size = 0
+            size = raw_size or 0
         else:
             if not isinstance(raw, (bytes, bytearray, memoryview)):
                 raw = str(raw).encode("utf-8", "surrogateescape")

@@ -53,10 +53,21 @@ def evidence_of(tokens: Sequence[str]) -> int:
     return len({t for t in tokens if t.startswith(("w:", "s:"))})
 
 
+# While evidence is thin the log-odds are also capped at logit(0.999) before shrinking, so no
+# weight vector can make a few words sure spam.
+THIN_CAP_LOGIT = 6.9
+
+
 def shrink(z: Any, evidence: Any, full_words: float, prior_logit: float) -> Any:
-    """Pull log-odds ``z`` toward ``prior_logit`` when ``evidence`` < ``full_words``."""
+    """Pull log-odds ``z`` toward ``prior_logit`` when ``evidence`` < ``full_words``.
+
+    ``z' = prior + k * (min(z, cap) - prior)`` with ``k = evidence / full_words`` (below 1 only):
+    with 2 of 12 words a message can reach at most ``sigmoid(-3 + 9.9/6) = 0.21``.
+    """
     k = np.minimum(1.0, np.asarray(evidence, dtype=np.float64) / max(1e-9, float(full_words)))
-    return prior_logit + k * (np.asarray(z, dtype=np.float64) - prior_logit)
+    z = np.asarray(z, dtype=np.float64)
+    z = np.where(k < 1.0, np.minimum(z, THIN_CAP_LOGIT), z)
+    return prior_logit + k * (z - prior_logit)
 
 
 def vectorize(token_lists: Iterable[Sequence[str]], n_features: int = DEFAULT_N_FEATURES) -> Any:
@@ -175,12 +186,12 @@ class SpamModel:
     def score_tokens(self, tokens: Sequence[str]) -> float:
         return float(sigmoid(self.logit_tokens(tokens)))
 
-    def score(self, raw: bytes | email.message.Message) -> float:
-        """Spam probability in [0, 1] for raw message bytes (or a parsed message).
+    def score(self, raw: bytes | email.message.Message, raw_size: int | None = None) -> float:
+        """Spam probability in [0, 1] for raw message bytes (or a parsed message + its size).
 
         Never raises on message content.  Imports neither scikit-learn nor scipy.
         """
-        return self.score_tokens(extract_features(raw))
+        return self.score_tokens(extract_features(raw, raw_size))
 
     def score_many(self, raws: Iterable[bytes]) -> np.ndarray:
         return np.array([self.score(r) for r in raws], dtype=np.float64)
