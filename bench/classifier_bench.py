@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,65 @@ def print_variant(name: str, r: dict[str, Any]) -> None:
         )
 
 
+def latency(root: Path, model_dir: str | None, n: int = 300) -> dict[str, Any]:
+    """CPU time to score a ~10 KB message on the serving path, against parsing it (baseline).
+
+    The serving path is ``SpamModel.score(bytes)``: parse, extract, hash (mmh3), dot product.
+    Messages of 8-12 KB from the corpus; the first 100 warm the per-word n-gram cache, as a
+    running daemon's would be.  Figures are CPU ms per message and the ratio to
+    ``email.message_from_bytes`` of the same messages in the same run (the machine is shared).
+    """
+    import email
+    import random
+
+    from filterd.classify.model import SpamModel
+
+    if model_dir:
+        model = SpamModel.load(model_dir)
+    else:
+        rng0 = np.random.default_rng(0)
+        with tempfile.TemporaryDirectory() as td:
+            SpamModel.save(
+                Path(td) / "m",
+                rng0.normal(0, 1, DEFAULT_N_FEATURES),
+                0.0,
+                {"thresholds": {"reject": 0.9, "tag": 0.5}},
+            )
+            model = SpamModel.load(Path(td) / "m")
+    files = sorted((root / "spamassassin").glob("*/*"))
+    random.Random(1).shuffle(files)
+    raws = [b for b in (f.read_bytes() for f in files[:4000]) if 8000 <= len(b) <= 12000][:n]
+    for r in raws[:100]:
+        model.score(r)
+    test = raws[100:]
+
+    def per_msg(fn: Any) -> list[float]:
+        out = []
+        for r in test:
+            t = time.process_time()
+            fn(r)
+            out.append((time.process_time() - t) * 1000)
+        return out
+
+    base = per_msg(email.message_from_bytes)
+    serve = per_msg(model.score)
+    res = {
+        "messages": len(test),
+        "mean_bytes": float(np.mean([len(r) for r in test])),
+        "score_cpu_ms_p50": float(np.median(serve)),
+        "score_cpu_ms_mean": float(np.mean(serve)),
+        "parse_cpu_ms_p50": float(np.median(base)),
+        "ratio_to_parse_mean": float(np.mean(serve) / max(1e-9, np.mean(base))),
+    }
+    print(
+        f"serving path, {len(test)} messages of ~{res['mean_bytes'] / 1024:.1f} KB: "
+        f"score p50 {res['score_cpu_ms_p50']:.2f} ms CPU (mean {res['score_cpu_ms_mean']:.2f}); "
+        f"email parse alone p50 {res['parse_cpu_ms_p50']:.2f} ms; "
+        f"ratio {res['ratio_to_parse_mean']:.1f}x parse"
+    )
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", default="/work/shared/corpus")
@@ -260,15 +320,22 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=0, help="messages per source (quick runs)")
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     ap.add_argument("--ensemble", type=int, default=1)
+    ap.add_argument("--balance", action="store_true")
+    ap.add_argument("--ham-weight", type=float, default=TrainConfig.ham_weight)
     ap.add_argument("--alpha", default=str(TrainConfig.alpha), help="comma-separated: a sweep")
     ap.add_argument("--full-words", type=float, default=DEFAULT_EVIDENCE["full_words"])
     ap.add_argument("--prior-logit", type=float, default=DEFAULT_EVIDENCE["prior_logit"])
     ap.add_argument("--json", default="bench/out/classifier_bench.json")
     ap.add_argument("--card", help="also record the results in this model's card.json")
+    ap.add_argument("--latency-only", action="store_true")
+    ap.add_argument("--model", help="model directory for the latency figure (else random weights)")
     a = ap.parse_args()
     alphas = [float(x) for x in str(a.alpha).split(",")]
     cfg = TrainConfig(epochs=a.epochs, ensemble=a.ensemble, alpha=alphas[0])
     evidence = {"full_words": a.full_words, "prior_logit": a.prior_logit}
+    lat = latency(Path(a.corpus), a.model)
+    if a.latency_only:
+        return 0
     c = Corpus(Path(a.corpus), DEFAULT_N_FEATURES, a.limit)
     print(
         f"{len(c.y)} messages, feature extraction {c.extract_cpu:.0f} CPU-s "
@@ -277,17 +344,26 @@ def main() -> int:
     )
     names = list(VARIANTS) if a.variants == "all" else a.variants.split(",")
     out: dict[str, Any] = {
+        "latency": lat,
         "config": {
             "epochs": cfg.epochs,
             "ensemble": cfg.ensemble,
             "alpha": cfg.alpha,
+            "balance": a.balance,
+            "ham_weight": a.ham_weight,
             "evidence": evidence,
         },
         "variants": {},
     }
     for name in names:
         for alpha in alphas:
-            cfg_a = TrainConfig(epochs=cfg.epochs, ensemble=cfg.ensemble, alpha=alpha)
+            cfg_a = TrainConfig(
+                epochs=cfg.epochs,
+                ensemble=cfg.ensemble,
+                alpha=alpha,
+                balance=a.balance,
+                ham_weight=a.ham_weight,
+            )
             key = name if len(alphas) == 1 else f"{name}@alpha={alpha:g}"
             r = run_variant(c, VARIANTS[name], cfg_a, evidence, a.nested)
             r["alpha"] = alpha

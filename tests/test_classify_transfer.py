@@ -92,7 +92,7 @@ def _shipped() -> SpamModel:
 def test_mmh3_indices_equal_sklearn_featurehasher() -> None:
     from sklearn.feature_extraction import FeatureHasher
 
-    toks = extract_features(_spam_html().as_bytes()) + ["w:wörld", "g: é", "x" * 300]
+    toks = [*extract_features(_spam_html().as_bytes()), "w:wörld", "g: é", "x" * 300]
     for n in (2**16, 2**20):
         X = FeatureHasher(n_features=n, input_type="string", alternate_sign=False)
         ref = X.transform([toks]).tocsr()
@@ -115,7 +115,8 @@ def test_serving_and_training_paths_give_identical_scores(tmp_path: Path) -> Non
     evid = np.array([sum(1 for t in set(ts) if t.startswith(("w:", "s:"))) for ts in toks])
     train_p = sigmoid(m.decision(X, evid))
     serve_p = np.array([m.score(r) for r in raws])
-    np.testing.assert_allclose(serve_p, train_p, rtol=1e-6)
+    # the same columns and weights; only float32 (matrix) vs float64 (serving) rounding differs
+    np.testing.assert_allclose(serve_p, train_p, rtol=1e-5, atol=1e-7)
     # and a parsed message scores as its bytes do (one shared parse per message)
     size = len(raws[1]) - raws[1].count(b"\r\n")
     assert m.score(parse_message(raws[1]), size) == pytest.approx(serve_p[1], rel=1e-9)

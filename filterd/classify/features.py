@@ -491,28 +491,41 @@ def _url_features(urls: Iterable[str], toks: list[str], from_rd: str) -> set[str
 # Look-alike digits and symbols inside words fold to the letters they imitate, for the
 # character n-grams only ("v1agra" and "viagra" share most of their n-grams).
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "$": "s"})
-CHAR_NGRAM = (3, 5)  # n-gram lengths, inclusive, of space-padded words
+CHAR_NGRAM = (3, 4)  # n-gram lengths, inclusive, of space-padded words
+
+
+_GRAM_CACHE: dict[str, tuple[str, ...]] = {}
+_GRAM_CACHE_MAX = 200_000  # distinct words remembered (~60 MB at most); cleared when full
+
+
+def _word_grams(w: str) -> tuple[str, ...]:
+    lo, hi = CHAR_NGRAM
+    if not w.isalpha():
+        w = w.translate(_LEET)
+    pw = f" {w} "
+    L = len(pw)
+    return tuple({"g:" + pw[i : i + n] for n in range(lo, hi + 1) for i in range(L - n + 1)})
 
 
 def _char_ngrams(words: Iterable[str], toks: list[str]) -> None:
     """``g:`` tokens: character n-grams of each distinct word, padded with spaces.
 
     They survive misspellings, inserted punctuation and look-alike digits that break whole-word
-    tokens; distinct words only, since the model reads presence, not counts.
+    tokens; distinct words only, since the model reads presence, not counts.  Words recur across
+    messages (Zipf), so each word's n-grams are remembered: the serving cost is a dict lookup.
     """
-    lo, hi = CHAR_NGRAM
+    cache = _GRAM_CACHE
     grams: set[str] = set()
     for w in set(words):
-        if len(w) < 2 or len(w) > 20 or w.startswith("_"):
+        if len(w) < 2 or len(w) > 20 or w[0] == "_":
             continue
-        if not w.isalpha():
-            w = w.translate(_LEET)
-        pw = f" {w} "
-        L = len(pw)
-        for n in range(lo, hi + 1):
-            for i in range(L - n + 1):
-                grams.add(pw[i : i + n])
-    toks.extend("g:" + g for g in grams)
+        g = cache.get(w)
+        if g is None:
+            if len(cache) >= _GRAM_CACHE_MAX:
+                cache.clear()
+            g = cache[w] = _word_grams(w)
+        grams.update(g)
+    toks.extend(grams)
 
 
 def _text_features(text: str, toks: list[str], budget: int) -> int:
@@ -546,6 +559,7 @@ def _text_features(text: str, toks: list[str], budget: int) -> int:
     if len(words) > budget:
         words = words[:budget]
     _char_ngrams(words, toks)
+    n_before = len(toks)
     prev = ""
     alnum_mix = 0
     for w in words:
@@ -559,6 +573,8 @@ def _text_features(text: str, toks: list[str], budget: int) -> int:
         if prev:
             toks.append("w2:" + prev + " " + w)
         prev = w
+    if isinstance(toks, Tokens):
+        toks.body_words.update(t[2:] for t in toks[n_before:] if t[:2] == "w:")
     toks.append(f"o:alnum_mix={_bucket(alnum_mix)}")
     return len(words)
 
@@ -598,6 +614,8 @@ def _subject_features(subj: str, toks: list[str]) -> None:
         if w.isdigit():
             w = f"_num{min(len(w), 8)}"
         toks.append("s:" + w)
+        if isinstance(toks, Tokens):
+            toks.subject_words.add(w)
         if prev:
             toks.append("s2:" + prev + " " + w)
         prev = w
@@ -809,9 +827,27 @@ def _payload_bytes(part: email.message.Message, toks: list[str]) -> bytes:
     return bytes(data)
 
 
-def extract_features(
-    raw: bytes | email.message.Message, raw_size: int | None = None
-) -> list[str]:
+class Tokens(list[str]):
+    """The token list, plus ``evidence``: distinct body and subject words (``w:``/``s:``).
+
+    Counted while tokenising, so scoring need not scan thousands of tokens again.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body_words: set[str] = set()
+        self.subject_words: set[str] = set()
+
+    @property
+    def evidence(self) -> int:
+        return len(self.body_words) + len(self.subject_words)
+
+
+def count_evidence(tokens: Iterable[str]) -> int:
+    return len({t for t in tokens if t.startswith(("w:", "s:"))})
+
+
+def extract_features(raw: bytes | email.message.Message, raw_size: int | None = None) -> Tokens:
     """Message bytes (or a parsed Message) -> feature tokens (with repetitions).
 
     For a parsed message pass ``raw_size`` (its size in bytes counting CRLF as one byte) to get the
@@ -820,7 +856,7 @@ def extract_features(
     Never raises: on an unexpected internal error the tokens gathered so far are returned with
     an ``x:`` marker token.
     """
-    toks: list[str] = []
+    toks = Tokens()
     try:
         if isinstance(raw, email.message.Message):
             msg = raw

@@ -25,7 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from filterd.classify.features import FEATURES_VERSION, SETTINGS, extract_features
+from filterd.classify.features import (
+    FEATURES_VERSION,
+    SETTINGS,
+    Tokens,
+    count_evidence,
+    extract_features,
+)
 from filterd.classify.hashing import HASHING, row_value, token_indices
 
 MODEL_FORMAT = "filterd-linear-v2"
@@ -50,7 +56,9 @@ class ModelError(Exception):
 
 def evidence_of(tokens: Sequence[str]) -> int:
     """Distinct body and subject words of a token list (the evidence the text gives)."""
-    return len({t for t in tokens if t.startswith(("w:", "s:"))})
+    if isinstance(tokens, Tokens):
+        return tokens.evidence
+    return count_evidence(tokens)
 
 
 # While evidence is thin the log-odds are also capped at logit(0.999) before shrinking, so no

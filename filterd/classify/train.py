@@ -48,6 +48,9 @@ class TrainConfig:
     alpha: float = 1e-6  # L2 regularisation of SGDClassifier
     epochs: int = 10
     ham_weight: float = 2.0  # sample weight of ham relative to spam (false rejects cost more)
+    # Weigh spam by n_ham/n_spam of each fit's training rows, so the class ratio of a training set
+    # (which differs between corpora and between leave-one-source-out folds) does not move scores.
+    balance: bool = False
     batch_size: int = 1000
     folds: int = 5  # out-of-fold scoring for thresholds + card metrics
     reject_fpr: float = 0.001  # target false-reject rate on held-out ham
@@ -217,6 +220,7 @@ def fit_sgd(
     epoch_batches: Callable[[int], Iterator[tuple[sp.csr_matrix, np.ndarray]]],
     n_features: int,
     cfg: TrainConfig,
+    spam_weight: float = 1.0,
 ) -> tuple[np.ndarray, float]:
     """SGD logistic regression with partial_fit over ``epoch_batches(epoch)``; returns (coef, b).
 
@@ -237,7 +241,7 @@ def fit_sgd(
         for ep in range(cfg.epochs):
             # epoch numbers run on across members, so every member sees its own shuffles
             for X, y in epoch_batches(j * cfg.epochs + ep):
-                w = np.where(y == 0, cfg.ham_weight, 1.0)
+                w = np.where(y == 0, cfg.ham_weight, spam_weight)
                 clf.partial_fit(X, y, classes=np.array([0, 1]), sample_weight=w)
                 seen = True
         if not seen:
@@ -258,12 +262,24 @@ def fit_matrix(X: Any, y: np.ndarray, cfg: TrainConfig) -> tuple[np.ndarray, flo
             rows = order[i : i + cfg.batch_size]
             yield X[rows], y[rows]
 
-    return fit_sgd(batches, X.shape[1], cfg)
+    return fit_sgd(batches, X.shape[1], cfg, _spam_weight(cfg, int((y == 0).sum()), int(y.sum())))
+
+
+def _spam_weight(cfg: TrainConfig, n_ham: int, n_spam: int) -> float:
+    return n_ham / n_spam if cfg.balance and n_ham and n_spam else 1.0
 
 
 def _fit_on_cache(cache: Cache, cfg: TrainConfig, keep: Keep | None) -> tuple[np.ndarray, float]:
     rng = np.random.default_rng(cfg.seed)
-    return fit_sgd(lambda ep: _iter_rows(cache, rng, keep), cfg.n_features, cfg)
+    spam_w = 1.0
+    if cfg.balance:
+        n = np.zeros(2, dtype=np.int64)
+        for p in cache.batches:
+            bt = _load_batch(p)
+            m = keep(bt) if keep is not None else np.ones(len(bt.y), dtype=bool)
+            n += np.bincount(bt.y[m].astype(np.int64), minlength=2)[:2]
+        spam_w = _spam_weight(cfg, int(n[0]), int(n[1]))
+    return fit_sgd(lambda ep: _iter_rows(cache, rng, keep), cfg.n_features, cfg, spam_w)
 
 
 def _held_out_scores(
@@ -278,6 +294,7 @@ def _held_out_scores(
     y_all = np.zeros(cache.n, dtype=np.int8)
     s_all = np.full(cache.n, np.nan)
     bar = progress(total=len(groups), desc=desc, unit="model") if progress else None
+
     def not_in(g: int) -> Keep:
         return lambda bt: np.asarray(group_of(bt) != g)
 
