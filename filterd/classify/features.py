@@ -29,6 +29,7 @@ import email
 import email.header
 import email.message
 import html
+import itertools
 import math
 import re
 from collections.abc import Iterable
@@ -391,6 +392,7 @@ _URL_TEXT_RE = re.compile(r"""(?:\b(?:https?|ftp)://|\bwww\.)[^\s<>"'()\[\]{}]{1
 _EMAIL_TEXT_RE = re.compile(r"[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63})+")
 _WORD_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)?|[$€£¥!]|_url_|_email_")
 _HTML_IN_PLAIN_RE = re.compile(r"<(?:html|body|a\s+href|font|table)\b", re.I)
+_QUOTED_RE = re.compile(r"^\s*>", re.M)
 _MONEY_RE = re.compile(r"[$€£]\s?\d")
 _ZERO_WIDTH_RE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
 _MIXED_SCRIPT_RE = re.compile(r"(?=\w*[a-zA-Z])(?=\w*[\u0400-\u04ff])\w+")
@@ -541,12 +543,15 @@ def _text_features(text: str, toks: list[str], budget: int) -> int:
         toks.append("o:mixed_script_word")
     nonascii = len(head) - len(head.encode("ascii", "ignore"))
     toks.append(f"o:nonascii_ratio={_ratio_bucket(nonascii, max(1, min(len(text), 20000)))}")
-    toks.append(f"n:money={_bucket(len(_MONEY_RE.findall(text[:50000])))}")
+    money = 0
+    if "$" in text or "€" in text or "£" in text:
+        money = len(_MONEY_RE.findall(text[:50000]))
+    toks.append(f"n:money={_bucket(money)}")
     toks.append(f"n:excl={_bucket(text.count('!'))}")
     if "!!!" in text:
         toks.append("o:excl_run")
     lines = text.count("\n") + 1
-    quoted = len(re.findall(r"^\s*>", text[:100000], re.M))
+    quoted = len(_QUOTED_RE.findall(text[:100000])) if ">" in text else 0
     toks.append(f"o:quoted_ratio={_ratio_bucket(quoted, lines)}")
 
     low = text.lower()
@@ -559,24 +564,33 @@ def _text_features(text: str, toks: list[str], budget: int) -> int:
     if len(words) > budget:
         words = words[:budget]
     _char_ngrams(words, toks)
-    n_before = len(toks)
-    prev = ""
-    alnum_mix = 0
-    for w in words:
-        if w.isdigit():
-            w = f"_num{min(len(w), 8)}"
-        elif len(w) > 30:
-            w = "_long"
-        elif not w.isalpha() and any(c.isdigit() for c in w) and any(c.isalpha() for c in w):
-            alnum_mix += 1
-        toks.append("w:" + w)
-        if prev:
-            toks.append("w2:" + prev + " " + w)
-        prev = w
+    # Most words are short and alphabetic: they pass unchanged; the rest are mapped one by one.
+    mapped = [w if (len(w) <= 30 and w.isalpha()) else _map_word(w) for w in words]
+    alnum_mix = sum(
+        1
+        for w in words
+        if not w.isalpha()
+        and len(w) <= 30
+        and not w.isdigit()
+        and any(c.isdigit() for c in w)
+        and any(c.isalpha() for c in w)
+    )
+    uniq = set(mapped)
+    toks.extend(["w:" + w for w in uniq])
+    toks.extend({"w2:" + a + " " + b for a, b in itertools.pairwise(mapped)})
     if isinstance(toks, Tokens):
-        toks.body_words.update(t[2:] for t in toks[n_before:] if t[:2] == "w:")
+        toks.body_words.update(uniq)
     toks.append(f"o:alnum_mix={_bucket(alnum_mix)}")
     return len(words)
+
+
+def _map_word(w: str) -> str:
+    """Digits -> ``_numN`` (N = length up to 8), longer than 30 characters -> ``_long``."""
+    if w.isdigit():
+        return f"_num{min(len(w), 8)}"
+    if len(w) > 30:
+        return "_long"
+    return w
 
 
 # --------------------------------------------------------------------------- headers

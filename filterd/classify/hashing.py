@@ -24,21 +24,29 @@ HASHING = "murmurhash3_32 seed 0 utf-8, abs(h) % n_features (= sklearn FeatureHa
 
 def _h(token: str) -> int:
     try:
-        return mmh3.hash(token, 0, True)
+        return int(mmh3.hash(token))
     except UnicodeEncodeError:  # lone surrogates: hash the bytes Python can represent
-        return mmh3.hash(token.encode("utf-8", "surrogatepass"), 0, True)
+        return int(mmh3.hash(token.encode("utf-8", "surrogatepass")))
 
 
 def token_indices(tokens: Iterable[str], n_features: int) -> np.ndarray:
-    """Sorted unique column indices (int64) of ``tokens``."""
+    """Sorted unique column indices (int64) of ``tokens``.
+
+    ``mmh3.hash`` with its defaults is seed 0, signed; ``map`` over it and a sort-based
+    de-duplication are several times faster than a list comprehension and ``np.unique``.
+    """
+    uniq = set(tokens)
     try:
-        hs = [mmh3.hash(t, 0, True) for t in set(tokens)]
+        a = np.fromiter(map(mmh3.hash, uniq), dtype=np.int64, count=len(uniq))
     except UnicodeEncodeError:
-        hs = [_h(t) for t in set(tokens)]
-    if not hs:
-        return np.zeros(0, dtype=np.int64)
+        a = np.fromiter(map(_h, uniq), dtype=np.int64, count=len(uniq))
     # abs() in int64 maps -2**31 to 2**31; sklearn's special case gives the same remainder.
-    return np.unique(np.abs(np.asarray(hs, dtype=np.int64)) % n_features)
+    np.abs(a, out=a)
+    a %= n_features
+    a.sort()
+    if a.size > 1:
+        a = a[np.concatenate(([True], a[1:] != a[:-1]))]
+    return a
 
 
 def row_value(n_columns: int) -> float:
