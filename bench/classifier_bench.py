@@ -328,11 +328,26 @@ def main() -> int:
     ap.add_argument("--json", default="bench/out/classifier_bench.json")
     ap.add_argument("--card", help="also record the results in this model's card.json")
     ap.add_argument("--latency-only", action="store_true")
+    ap.add_argument(
+        "--write-masked",
+        metavar="DIR",
+        help="write the header-masked modern corpus to DIR/{ham,spam} (for filterd train) and exit",
+    )
     ap.add_argument("--model", help="model directory for the latency figure (else random weights)")
     a = ap.parse_args()
     alphas = [float(x) for x in str(a.alpha).split(",")]
     cfg = TrainConfig(epochs=a.epochs, ensemble=a.ensemble, alpha=alphas[0])
     evidence = {"full_words": a.full_words, "prior_logit": a.prior_logit}
+    if a.write_masked:
+        for name, rel, _label, masked in SOURCES:
+            if not masked:
+                continue
+            out_dir = Path(a.write_masked) / Path(rel).name
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for mid, raw in iter_messages(Path(a.corpus) / rel):
+                (out_dir / Path(mid).name).write_bytes(mask_headers(raw))
+            print(f"{name}: masked copy in {out_dir}")
+        return 0
     lat = latency(Path(a.corpus), a.model)
     if a.latency_only:
         return 0

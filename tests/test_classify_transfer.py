@@ -348,3 +348,51 @@ def test_bad_model_fails_open_and_the_check_still_builds(tmp_path: Path, breakag
     registry.promote(mdir, good.name)
     check.holder.request_reload()
     assert check.check_message(Message.from_bytes(b"Subject: x\n\nhello"), exempt=False)
+
+
+@pytest.mark.integration
+def test_bad_active_model_daemon_pipeline_starts_and_fails_open(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Through the real CLI pipeline (`filterd scan` builds the same Runtime as the daemon)."""
+    from tests.helpers_daemon import ROOT, write_config
+
+    mdir = tmp_path / "models"
+    mdir.mkdir()
+    (mdir / "ACTIVE").write_text("no-such-model\n")
+    cfg = write_config(
+        tmp_path / "f.toml",
+        {
+            "pipeline": {"recipient_checks": ["allowlist"], "message_checks": ["classifier"]},
+            "classifier": {"models_dir": str(mdir), "on_failure": "accept"},
+            "redis": {"url": redis_url},
+            "records": {"enabled": False},
+        },
+    )
+    msg = tmp_path / "m.eml"
+    msg.write_bytes(_spam_plain().as_bytes())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "filterd",
+            "scan",
+            "--config",
+            str(cfg),
+            "--from",
+            "a@example.net",
+            "--rcpt",
+            "u@example.org",
+            str(msg),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = json.loads(proc.stdout.decode().splitlines()[0])
+    assert out["action"] == "accept", out
+    codes = [r["code"] for r in out["reasons"]]
+    assert "CLASSIFIER_FAIL" in codes, out
+    assert b"failing open" in proc.stderr

@@ -28,7 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from filterd.classify import corpus, evaluate
-from filterd.classify.features import extract_features
+from filterd.classify.features import RATIONALE, extract_features
 from filterd.classify.model import (
     DEFAULT_EVIDENCE,
     SpamModel,
@@ -404,7 +404,7 @@ def train(
             "serving": "p = sigmoid(w . x + b) over hashed binary features, L2-normalised",
             "train_config": asdict(cfg),
         },
-        "features": vectorizer_settings(cfg.n_features),
+        "features": {**vectorizer_settings(cfg.n_features), "rationale": RATIONALE},
         "training_data": {
             "ham_messages": n_ham,
             "spam_messages": n_spam,
