@@ -181,7 +181,12 @@ def make_score(evidence: dict[str, float]) -> oos.Scorer:
 
 
 def run_variant(
-    c: Corpus, groups: tuple[str, ...], cfg: TrainConfig, evidence: dict[str, float], nested: bool
+    c: Corpus,
+    groups: tuple[str, ...],
+    cfg: TrainConfig,
+    evidence: dict[str, float],
+    nested: bool,
+    nested_loso: bool = False,
 ) -> dict[str, Any]:
     rows = c.rows(groups)
     fit, score = make_fit(cfg), make_score(evidence)
@@ -211,7 +216,7 @@ def run_variant(
     res["loso pooled"] = oos.figures(rows.y, s_loso, ship_t, "these pooled LOSO ham (in-sample)")
     res["loso pooled"]["per_source"] = oos.per_source(rows.y, rows.source, s_loso, ship_t)
     res["loso pairs"] = oos.source_pairs(rows.y, rows.source, s_strict, None)
-    if nested:
+    if nested_loso:
         # each left-out source against the threshold its model would have shipped with
         nested_res: dict[str, Any] = {}
         for src in np.unique(rows.source):
@@ -317,6 +322,9 @@ def main() -> int:
     ap.add_argument("--corpus", default="/work/shared/corpus")
     ap.add_argument("--variants", default="words+chars+hnames")
     ap.add_argument("--nested", action="store_true", help="ship thresholds from training sources")
+    ap.add_argument(
+        "--nested-loso", action="store_true", help="also for each left-out source (slow)"
+    )
     ap.add_argument("--limit", type=int, default=0, help="messages per source (quick runs)")
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     ap.add_argument("--ensemble", type=int, default=1)
@@ -380,7 +388,7 @@ def main() -> int:
                 ham_weight=a.ham_weight,
             )
             key = name if len(alphas) == 1 else f"{name}@alpha={alpha:g}"
-            r = run_variant(c, VARIANTS[name], cfg_a, evidence, a.nested)
+            r = run_variant(c, VARIANTS[name], cfg_a, evidence, a.nested, a.nested_loso)
             r["alpha"] = alpha
             out["variants"][key] = r
             print_variant(key, r)

@@ -395,4 +395,5 @@ def test_bad_active_model_daemon_pipeline_starts_and_fails_open(
     assert out["action"] == "accept", out
     codes = [r["code"] for r in out["reasons"]]
     assert "CLASSIFIER_FAIL" in codes, out
+    assert "X-Filterd-Unchecked: classifier" in out["headers"], out
     assert b"failing open" in proc.stderr

@@ -124,7 +124,13 @@ def _resolve_model(spec: str, models_dir: str | None) -> Path:
     help="log2 of hashed feature dims.",
 )
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--alpha", default=1e-6, show_default=True, help="L2 regularisation strength.")
+@click.option("--alpha", default=1e-5, show_default=True, help="L2 regularisation strength.")
+@click.option(
+    "--balance/--no-balance",
+    default=True,
+    show_default=True,
+    help="Weigh spam by n_ham/n_spam of each fit (scores do not move with the class ratio).",
+)
 @click.option(
     "--ham-weight", default=2.0, show_default=True, help="Sample weight of ham relative to spam."
 )
@@ -165,6 +171,7 @@ def train(  # type: ignore[no-untyped-def]
     bits,
     epochs,
     alpha,
+    balance,
     ham_weight,
     folds,
     batch_size,
@@ -184,6 +191,7 @@ def train(  # type: ignore[no-untyped-def]
     cfg = TrainConfig(
         n_features=2**bits,
         alpha=alpha,
+        balance=balance,
         epochs=epochs,
         ham_weight=ham_weight,
         batch_size=batch_size,
