@@ -2,7 +2,9 @@
 """Classifier benchmark: out-of-source figures (the ones that decide) beside in-corpus CV.
 
     .venv/bin/python bench/classifier_bench.py [--corpus /work/shared/corpus]
-        [--variants all|NAME,NAME] [--nested] [--card models/NAME] [--json out.json]
+        [--variants all|NAME,NAME] [--alpha A[,A...]] [--no-nested] [--nested-loso]
+        [--card models/NAME] [--json out.json] [--latency-only --model models/NAME]
+        [--write-masked DIR]
 
 Sources: SpamAssassin ``easy_ham``, ``easy_ham_2``, ``hard_ham`` (ham), ``spam``, ``spam_2``
 (spam); modern ``ham``, ``spam``.  The modern corpus's delivery path gives its label away (its
@@ -16,8 +18,8 @@ For each feature variant (token groups, see ``VARIANTS``):
   ``filterd train`` chooses the served reject threshold on;
 - 5-fold CV inside the SpamAssassin corpus, for comparison.
 
-With ``--nested`` the threshold each split's model would ship with is chosen from its own training
-sources only (:func:`filterd.classify.oos.ship_threshold`) and applied to the scored mail: the
+With ``--nested`` (default) the threshold each corpus split's model would ship with is chosen
+from its own training sources only (:func:`filterd.classify.oos.ship_threshold`) and applied to the scored mail: the
 honest operating point.  Figures marked ``*`` rest on fewer ham than the rate needs (0.1% of 250
 ham is not measurable).  Features are extracted once per message and kept in memory as hashed
 indices per token group; one process.
@@ -321,14 +323,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", default="/work/shared/corpus")
     ap.add_argument("--variants", default="words+chars+hnames")
-    ap.add_argument("--nested", action="store_true", help="ship thresholds from training sources")
+    ap.add_argument(
+        "--nested",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ship thresholds chosen on the training sources only, for the corpus splits",
+    )
     ap.add_argument(
         "--nested-loso", action="store_true", help="also for each left-out source (slow)"
     )
     ap.add_argument("--limit", type=int, default=0, help="messages per source (quick runs)")
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     ap.add_argument("--ensemble", type=int, default=1)
-    ap.add_argument("--balance", action="store_true")
+    ap.add_argument("--balance", action=argparse.BooleanOptionalAction, default=TrainConfig.balance)
     ap.add_argument("--ham-weight", type=float, default=TrainConfig.ham_weight)
     ap.add_argument("--alpha", default=str(TrainConfig.alpha), help="comma-separated: a sweep")
     ap.add_argument("--full-words", type=float, default=DEFAULT_EVIDENCE["full_words"])
