@@ -21,8 +21,8 @@ For each feature variant (token groups, see ``VARIANTS``):
 With ``--nested`` (default) the threshold each corpus split's model would ship with is chosen
 from its own training sources only (:func:`filterd.classify.oos.ship_threshold`) and applied
 to the scored mail: the honest operating point.  Figures marked ``*`` rest on fewer ham than
-the rate needs (0.1% of 250 ham is not measurable).  Features are extracted once per message and kept in memory as hashed
-indices per token group; one process.
+the rate needs (0.1% of 250 ham is not measurable).  Features are extracted once per message
+and kept in memory as hashed indices per token group; one process.
 """
 
 from __future__ import annotations
