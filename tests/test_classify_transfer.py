@@ -397,3 +397,30 @@ def test_bad_active_model_daemon_pipeline_starts_and_fails_open(
     assert "CLASSIFIER_FAIL" in codes, out
     assert "X-Filterd-Unchecked: classifier" in out["headers"], out
     assert b"failing open" in proc.stderr
+
+
+def test_start_up_log_reports_the_served_thresholds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from filterd.checks.base import Services
+    from filterd.checks.classifier import Config, build
+
+    mdir = tmp_path / "models"
+    mdir.mkdir()
+    path = _tiny_model(mdir)
+    registry.promote(mdir, path.name)
+    with caplog.at_level(logging.INFO, logger="filterd.classify"):
+        check = build(
+            Config(models_dir=str(mdir), reject_threshold=0.95), Services(settings=load_settings())
+        )
+    m = check.holder.current()
+    assert m is not None
+    want = served(m.thresholds, 0.95, None)
+    assert want.reject == 0.95 and want.tag == 0.5 and want.tag_from == "card"
+    assert any(want.describe() in r.getMessage() for r in caplog.records), caplog.text
+    # and the finding carries the probability and the same thresholds as evidence
+    (f,) = check.check_message(Message.from_bytes(b"Subject: x\n\nhello there"), exempt=False)
+    assert f.spam_probability is not None
+    assert f"reject={want.reject:.4g} tag={want.tag:.4g}" in f.detail

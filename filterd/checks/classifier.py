@@ -89,10 +89,16 @@ class ClassifierCheck:
         return served(card, self.config.reject_threshold, self.config.tag_threshold)
 
     def check_message(self, message: Message, exempt: bool) -> Sequence[Finding]:
-        self.holder.maybe_reload()
+        changed = self.holder.maybe_reload()
         model = self.holder.current()
         if model is None:
             raise ModelError(self.holder.last_error or "no classifier model loaded")
+        if changed:
+            log.info(
+                "classifier model %r in service: %s",
+                model.name,
+                self.served(model.thresholds).describe(),
+            )
         p = model.score(message.head(self.config.max_bytes))
         th = self.served(model.thresholds)
         return [verdict_finding(self.name, p, th, model.name, self.config.tag_points)]
