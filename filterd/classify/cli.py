@@ -397,14 +397,15 @@ def model_show(name, models_dir, config_path):  # type: ignore[no-untyped-def]
 @model.command("promote")
 @click.argument("name")
 @_models_dir_opt
-def model_promote(name, models_dir):  # type: ignore[no-untyped-def]
+@CONFIG_OPTION
+def model_promote(name, models_dir, config_path):  # type: ignore[no-untyped-def]
     """Make NAME the active model (atomic; running daemons pick it up on SIGHUP or change)."""
     d = registry.models_dir(models_dir)
     try:
         m = registry.promote(d, name)
     except ModelError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"promoted {m.name} (reject={m.thresholds[0]:.6g} tag={m.thresholds[1]:.6g})")
+    click.echo(f"promoted {m.name}; served thresholds: {_served(m, config_path).describe()}")
 
 
 __all__ = ["calibrate", "evaluate", "model", "train"]
