@@ -71,7 +71,14 @@ def test_extract_features_matches_golden() -> None:
 def test_golden_pins_what_the_model_reads() -> None:
     f = _features()
     phish = set(f["phish alternative"])
-    assert {"w:v1agra", "g: via", "g:agr", "u:bit.ly", "us:ip", "o:link_text_domain_mismatch"} <= phish
+    assert {
+        "w:v1agra",
+        "g: via",
+        "g:agr",
+        "u:bit.ly",
+        "us:ip",
+        "o:link_text_domain_mismatch",
+    } <= phish
     assert "h:reply_to_freemail" in phish
     assert not any("bob" in t or "example.net" in t for t in f["plain"])  # never recipients
     assert "m:text/plain" in f["image and empty part"]

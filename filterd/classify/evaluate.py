@@ -183,6 +183,7 @@ def roc_png(
             [sr],
             "o",
             color=colors.get(name, "black"),
+            clip_on=False,
             label=f"{name} p>={t:.3g}: spam {sr * 100:.1f}%, ham {hf * 100:.2f}%",
         )
     ax.set_title(f"{title}  AUC={roc_auc(y, s):.5f}")
