@@ -424,3 +424,24 @@ def test_start_up_log_reports_the_served_thresholds(
     (f,) = check.check_message(Message.from_bytes(b"Subject: x\n\nhello there"), exempt=False)
     assert f.spam_probability is not None
     assert f"reject={want.reject:.4g} tag={want.tag:.4g}" in f.detail
+
+
+def test_evaluate_flags_in_sample_sources_and_reports_served_thresholds(tmp_path: Path) -> None:
+    from filterd.classify.cli import evaluate
+    from filterd.classify.train import train
+    from tests.test_classify import SMALL_CFG, make_corpus
+
+    c = make_corpus(tmp_path / "c", n=40)
+    other = make_corpus(tmp_path / "other", n=20, seed=7)
+    train(
+        [c["ham_md"], c["ham_plain"]], [c["spam_mbox"], c["spam_plain"]], tmp_path / "m", SMALL_CFG
+    )
+    args = [str(tmp_path / "m"), "--no-progress", "--spam", str(other["spam_plain"])]
+    r = CliRunner().invoke(evaluate, [*args, "--ham", str(c["ham_plain"]), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["in_sample_sources"] == [str(c["ham_plain"])]
+    card = SpamModel.load(tmp_path / "m").thresholds
+    assert (res["served_thresholds"]["reject"], res["served_thresholds"]["tag"]) == card
+    r = CliRunner().invoke(evaluate, [*args, "--ham", str(other["ham_plain"])])
+    assert r.exit_code == 0 and "in-sample" not in r.output, r.output

@@ -47,17 +47,37 @@ def _served(m: SpamModel, config_path: Path | None) -> Served:
         raise click.ClickException(f"cannot read the [classifier] overrides: {e}") from None
 
 
-def _score_sources(m: SpamModel, sources: tuple[str, ...], bar) -> list[float]:  # type: ignore[no-untyped-def]
-    """Score every message of ``sources``; only the scores are kept."""
+def _score_sources(m: SpamModel, sources: tuple[str, ...], bar, digests=None) -> list[float]:  # type: ignore[no-untyped-def]
+    """Score every message of ``sources``; only the scores are kept.
+
+    ``digests`` (a dict) receives each source's digest as the card records training sources
+    (sha256 over the sha256 of each message, in order), so in-sample scoring can be flagged.
+    """
+    import hashlib
+
     from filterd.classify import corpus
 
     out: list[float] = []
     for src in sources:
+        agg = hashlib.sha256()
         for _mid, raw in corpus.iter_messages(src):
+            agg.update(hashlib.sha256(raw).digest())
             out.append(m.score(raw))
             if bar is not None:
                 bar.update(1)
+        if digests is not None:
+            digests[src] = agg.hexdigest()
     return out
+
+
+def _in_sample(m: SpamModel, digests: dict[str, str]) -> list[str]:
+    """Scored sources identical to a training source of ``m`` (figures would be in-sample)."""
+    trained = {
+        s.get("digest")
+        for s in (m.card.get("training_data") or {}).get("sources") or []
+        if isinstance(s, dict)
+    }
+    return [src for src, d in digests.items() if d in trained]
 
 
 def _resolve_model(spec: str, models_dir: str | None) -> Path:
@@ -261,9 +281,10 @@ def evaluate(model_spec, ham, spam, roc_png, as_json, progress, models_dir, conf
     bar_f = _progress(progress)
     total = corpus.count_messages(list(ham) + list(spam))
     bar = bar_f(total=total, desc="scoring", unit="msg") if bar_f else None
+    digests: dict[str, str] = {}
     for label, srcs in ((0, ham), (1, spam)):
         for src in srcs:
-            scores = _score_sources(m, (src,), bar)
+            scores = _score_sources(m, (src,), bar, digests)
             ss.extend(scores)
             ys.extend([label] * len(scores))
             groups.extend([src] * len(scores))
@@ -273,12 +294,15 @@ def evaluate(model_spec, ham, spam, roc_png, as_json, progress, models_dir, conf
     res = ev.metrics(y, s, {"reject": th.reject, "tag": th.tag}, groups=np.array(groups))
     res["model"] = m.name
     res["served_thresholds"] = th.as_dict()
+    res["in_sample_sources"] = _in_sample(m, digests)
     if roc_png:
         ev.roc_png(y, s, roc_png, title=m.name, thresholds={"reject": th.reject, "tag": th.tag})
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
         click.echo(f"model: {m.name}; served thresholds: {th.describe()}")
+        for src in res["in_sample_sources"]:
+            click.echo(f"WARNING: {src} is a training source of this model: figures are in-sample")
         click.echo(ev.format_metrics(res))
 
 
