@@ -7,8 +7,9 @@ Single source of truth for training and serving.  Tokens carry a prefix naming t
 ``w2:`` body word bigram
 ``s:``  subject word / ``s2:`` subject bigram / ``sx:`` subject shape
 ``fd:`` From display-name word
+``g:``  character 3-4-gram of a distinct body word (look-alike digits folded)
 ``h:``  header shape (From/Reply-To/Message-ID shape, mailer, presence)
-``r:``  originating Received hop shape (no host names)
+``hn:`` author-side header name present, ``ho:`` order of consecutive ones
 ``m:``  MIME structure, ``c:`` charset, ``e:`` transfer encoding
 ``t:``  HTML tag / structure signal
 ``u:``  URL registered domain, ``ut:`` URL TLD, ``us:`` URL shape
@@ -17,8 +18,9 @@ Single source of truth for training and serving.  Tokens carry a prefix naming t
 
 Deliberately *not* used, because they identify the training corpus rather than spam:
 recipient addresses (To/Cc/Delivered-To), List-* / X-Mailing-List / Sender / Errors-To /
-X-BeenThere / X-Mailman-*, Date and years, Received host names, Return-Path, any X-Spam-* or
-other filter-added header, and mailing-list footers in the body (stripped before tokenising).
+X-BeenThere / X-Mailman-*, Date and years, Received headers (hosts and hop shapes), Return-Path,
+any X-Spam-* or other filter-added header, and mailing-list footers in the body (stripped before
+tokenising).  Empty parts are skipped without being counted (see :func:`_extract`).
 
 :func:`extract_features` never raises: any bytes give a (possibly short) token list.
 """
