@@ -82,6 +82,8 @@ GROUP_OF = {
     "ho:": "hnames",
 }
 OTHER = "struct"  # m: e: c: t: u: us: up: ut: o: n: x:
+# Variants select token groups of what extract_features emits.  Features fx-6 no longer emit body
+# word bigrams (w2:), so "bigrams" is empty now; README's variant figures were measured on fx-5.
 VARIANTS: dict[str, tuple[str, ...]] = {
     # fx-4 minus Received/recipient headers (which the feature extractor no longer emits)
     "words": ("words", "bigrams", "subject", "hdrshape", "struct"),
