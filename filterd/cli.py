@@ -147,11 +147,11 @@ def scan(
 
 def _register_owned_commands() -> None:
     from filterd.allowlist.cli import allow, api
-    from filterd.classify.cli import evaluate, model, train
+    from filterd.classify.cli import calibrate, evaluate, model, train
     from filterd.outbound.cli import limits, postfix_config
     from filterd.records.cli import records, stats
 
-    for command in (train, evaluate, model, allow, api, records, stats):
+    for command in (train, evaluate, calibrate, model, allow, api, records, stats):
         main.add_command(command)
     for command in (limits, postfix_config):
         main.add_command(command)

@@ -395,7 +395,8 @@ class Monitor:
                 m.model_info.labels(Monitor._model).set(0)
             Monitor._model = name
             m.model_info.labels(name).set(1)
-            reject, tag = classifier.thresholds(model.thresholds)
+            th = classifier.served(model.thresholds)
+            reject, tag = th.reject, th.tag
             m.threshold.labels("reject").set(reject)
             m.threshold.labels("tag").set(tag)
 

@@ -109,19 +109,3 @@ def write_roc_png(
     auc: float | None = None,
 ) -> None:
     render(y, s, title=title, thresholds=thresholds, auc=auc).savefig(Path(path), format="png")
-
-
-def served_thresholds(card: tuple[float, float]) -> dict[str, float]:
-    """The thresholds the daemon serves for a model with these card thresholds:
-    ``[classifier]`` overrides in the configuration win (as in the classifier check),
-    so the picture marks what is in service, not only what the card proposes."""
-    from filterd.settings import ConfigError, load_settings
-
-    reject, tag = card
-    try:
-        cfg = load_settings().section("classifier")
-    except (ConfigError, KeyError):
-        return {"reject": reject, "tag": min(tag, reject)}
-    reject = cfg.reject_threshold or reject
-    tag = cfg.tag_threshold if cfg.tag_threshold is not None else tag
-    return {"reject": reject, "tag": min(tag, reject)}

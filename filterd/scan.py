@@ -72,7 +72,8 @@ def thresholds(runtime: Runtime) -> dict[str, float]:
     classifier: Any = runtime.pipeline.checks.get("classifier")
     model = classifier.holder.current() if classifier is not None else None
     if model is not None:
-        reject, tag = classifier.thresholds(model.thresholds)
+        th = classifier.served(model.thresholds)
+        reject, tag = th.reject, th.tag
         served.update(spam_reject_probability=reject, spam_tag_probability=tag)
     return served
 

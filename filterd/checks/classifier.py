@@ -1,12 +1,19 @@
 """The spam classifier as a message check: the active model's probability as evidence.
 
-The model and its card live in filterd.classify; this module only maps a
-probability to findings using the card's thresholds (or overrides from
-rules/), and reloads the model when it is promoted.
+The model and its card live in filterd.classify.  The served thresholds come from one function,
+:func:`filterd.classify.thresholds.served` (card, optionally overridden in ``[classifier]``), the
+same one ``filterd evaluate``, ``filterd model show`` and the start-up log use.  The check reloads
+the model when it is promoted.
+
+A missing or broken model (bad ``models/ACTIVE``, corrupt arrays, a feature-version mismatch)
+never stops the daemon from starting when ``on_failure = "accept"``: the check is built without a
+model, each message gets a ``CLASSIFIER_FAIL`` finding (fail open: ``X-Filterd-Unchecked:
+classifier``), and the holder keeps looking for a loadable model (issue 15 item 5).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Literal
 
@@ -15,17 +22,19 @@ from pydantic import Field
 from filterd.checks.base import Services
 from filterd.classify.model import ModelError
 from filterd.classify.registry import ModelHolder
+from filterd.classify.thresholds import Served, served
 from filterd.settings import Section, resolve_path
-from filterd.types import Finding, Message, SmtpReply, Thresholds
+from filterd.types import Finding, Message, Thresholds
 
 SECTION = "classifier"
 
-SPAM_REPLY = SmtpReply(550, "5.7.1", "Message refused: it looks like spam to our content filter")
+log = logging.getLogger("filterd.classify")
 
 
 class Config(Section):
     models_dir: str = "models"
-    # None: use the thresholds chosen at training time and recorded in the model card.
+    # None: use the thresholds recorded in the model card (chosen at training time on pooled
+    # out-of-source ham, or by `filterd calibrate` on your own ham).
     reject_threshold: float | None = Field(default=None, gt=0, le=1)
     tag_threshold: float | None = Field(default=None, ge=0, le=1)
     # Points a "suspect" verdict adds to the score ([policy] tag_score is 5).
@@ -48,21 +57,25 @@ class ClassifierCheck:
         self.on_failure = config.on_failure
         self.holder = holder
 
-    def thresholds(self, card: tuple[float, float]) -> tuple[float, float]:
-        reject = self.config.reject_threshold or card[0]
-        tag = self.config.tag_threshold if self.config.tag_threshold is not None else card[1]
-        return reject, min(tag, reject)
+    def served(self, card: tuple[float, float]) -> Served:
+        return served(card, self.config.reject_threshold, self.config.tag_threshold)
 
     def check_message(self, message: Message, exempt: bool) -> Sequence[Finding]:
-        self.holder.maybe_reload()
+        changed = self.holder.maybe_reload()
         model = self.holder.current()
         if model is None:
             raise ModelError(self.holder.last_error or "no classifier model loaded")
+        if changed:
+            log.info(
+                "classifier model %r in service: %s",
+                model.name,
+                self.served(model.thresholds).describe(),
+            )
         p = model.score(message.head(self.config.max_bytes))
-        reject, tag = self.thresholds(model.thresholds)
-        detail = f"p={p:.4f} model={model.name}"
+        th = self.served(model.thresholds)
+        detail = f"p={p:.4f} reject={th.reject:.4g} tag={th.tag:.4g} model={model.name}"
         # Evidence only: filterd.policy turns p and these thresholds into SPAM/SUSPECT/HAM.
-        cut = Thresholds(reject, tag, self.config.tag_points)
+        cut = Thresholds(th.reject, th.tag, self.config.tag_points)
         return [Finding(self.name, "CLASSIFIER", detail, spam_probability=p, thresholds=cut)]
 
     def close(self) -> None:
@@ -76,10 +89,21 @@ def build(config: Config, services: Services) -> ClassifierCheck:
     holder = ModelHolder(
         resolve_path(config.models_dir), check_interval=config.reload_check_seconds
     )
-    if holder.current() is None:
-        # Refusing to build keeps a running daemon on the model it had.
-        raise ModelError(holder.last_error or "no classifier model could be loaded")
-    # The first score pays for lazy imports and table loads (about a second);
-    # pay it at start-up, not in the first sender's SMTP session.
-    holder.current().score(b"Subject: warm-up\r\n\r\nhello http://example.org/\r\n")  # type: ignore[union-attr]
-    return ClassifierCheck(config, holder)
+    check = ClassifierCheck(config, holder)
+    model = holder.current()
+    if model is None:
+        if config.on_failure != "accept":
+            # Fail-closed: refusing to build keeps a running daemon on the model it had.
+            raise ModelError(holder.last_error or "no classifier model could be loaded")
+        log.error(
+            "classifier: no usable model (%s); failing open: messages are accepted with "
+            "X-Filterd-Unchecked: classifier until a model loads",
+            holder.last_error,
+        )
+        return check
+    log.info(
+        "classifier model %r in service: %s", model.name, check.served(model.thresholds).describe()
+    )
+    # The first score pays for lazy table loads; pay it at start-up, not in an SMTP session.
+    model.score(b"Subject: warm-up\r\n\r\nhello http://example.org/\r\n")
+    return check

@@ -2,8 +2,11 @@
 
 Register with the main click group::
 
-    from filterd.classify.cli import evaluate, model, train
-    main.add_command(train); main.add_command(evaluate); main.add_command(model)
+    from filterd.classify.cli import calibrate, evaluate, model, train
+    main.add_command(train); main.add_command(evaluate); main.add_command(model); ...
+
+Every command that reports thresholds reports the *served* ones, from
+:func:`filterd.classify.thresholds.served_from_config` (card + ``[classifier]`` overrides).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import numpy as np
 
 from filterd.classify import registry
 from filterd.classify.model import ModelError, SpamModel
+from filterd.classify.thresholds import Served, served_from_config
+from filterd.cliopts import CONFIG_OPTION
+from filterd.settings import ConfigError
 
 _models_dir_opt = click.option(
     "--models-dir",
@@ -32,6 +38,46 @@ def _progress(enabled: bool):  # type: ignore[no-untyped-def]
     from tqdm import tqdm
 
     return lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, **kw)
+
+
+def _served(m: SpamModel, config_path: Path | None) -> Served:
+    try:
+        return served_from_config(m.thresholds, config_path)
+    except ConfigError as e:
+        raise click.ClickException(f"cannot read the [classifier] overrides: {e}") from None
+
+
+def _score_sources(m: SpamModel, sources: tuple[str, ...], bar, digests=None) -> list[float]:  # type: ignore[no-untyped-def]
+    """Score every message of ``sources``; only the scores are kept.
+
+    ``digests`` (a dict) receives each source's digest as the card records training sources
+    (sha256 over the sha256 of each message, in order), so in-sample scoring can be flagged.
+    """
+    import hashlib
+
+    from filterd.classify import corpus
+
+    out: list[float] = []
+    for src in sources:
+        agg = hashlib.sha256()
+        for _mid, raw in corpus.iter_messages(src):
+            agg.update(hashlib.sha256(raw).digest())
+            out.append(m.score(raw))
+            if bar is not None:
+                bar.update(1)
+        if digests is not None:
+            digests[src] = agg.hexdigest()
+    return out
+
+
+def _in_sample(m: SpamModel, digests: dict[str, str]) -> list[str]:
+    """Scored sources identical to a training source of ``m`` (figures would be in-sample)."""
+    trained = {
+        s.get("digest")
+        for s in (m.card.get("training_data") or {}).get("sources") or []
+        if isinstance(s, dict)
+    }
+    return [src for src, d in digests.items() if d in trained]
 
 
 def _resolve_model(spec: str, models_dir: str | None) -> Path:
@@ -72,7 +118,23 @@ def _resolve_model(spec: str, models_dir: str | None) -> Path:
     help="Target false-reject rate on held-out ham.",
 )
 @click.option(
-    "--tag-fpr", default=0.01, show_default=True, help="Target false-tag rate on held-out ham."
+    "--tag-fpr", default=0.005, show_default=True, help="Target false-tag rate on held-out ham."
+)
+@click.option(
+    "--stratum",
+    "strata",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="A --ham or --spam source that is a difficulty stratum of the others, not a source of "
+    "its own (SpamAssassin's hard_ham): scored out-of-fold, never left out whole, when the "
+    "thresholds are chosen on leave-one-source-out ham.",
+)
+@click.option(
+    "--threshold-on",
+    type=click.Choice(["sources", "folds"]),
+    default="sources",
+    show_default=True,
+    help="Choose thresholds on pooled leave-one-source-out ham, or on out-of-fold ham.",
 )
 @click.option(
     "--bits",
@@ -82,7 +144,13 @@ def _resolve_model(spec: str, models_dir: str | None) -> Path:
     help="log2 of hashed feature dims.",
 )
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--alpha", default=1e-6, show_default=True, help="L2 regularisation strength.")
+@click.option("--alpha", default=1e-5, show_default=True, help="L2 regularisation strength.")
+@click.option(
+    "--balance/--no-balance",
+    default=True,
+    show_default=True,
+    help="Weigh spam by n_ham/n_spam of each fit (scores do not move with the class ratio).",
+)
 @click.option(
     "--ham-weight", default=2.0, show_default=True, help="Sample weight of ham relative to spam."
 )
@@ -118,9 +186,12 @@ def train(  # type: ignore[no-untyped-def]
     out,
     reject_fpr,
     tag_fpr,
+    strata,
+    threshold_on,
     bits,
     epochs,
     alpha,
+    balance,
     ham_weight,
     folds,
     batch_size,
@@ -140,6 +211,7 @@ def train(  # type: ignore[no-untyped-def]
     cfg = TrainConfig(
         n_features=2**bits,
         alpha=alpha,
+        balance=balance,
         epochs=epochs,
         ham_weight=ham_weight,
         batch_size=batch_size,
@@ -147,6 +219,8 @@ def train(  # type: ignore[no-untyped-def]
         folds=folds,
         reject_fpr=reject_fpr,
         tag_fpr=tag_fpr,
+        strata=tuple(str(x) for x in strata),
+        threshold_on=threshold_on,
     )
     try:
         card = do_train(
@@ -163,8 +237,14 @@ def train(  # type: ignore[no-untyped-def]
     th = card["thresholds"]
     click.echo(f"model written to {out_p}")
     click.echo(f"thresholds: reject={th['reject']:.6g} tag={th['tag']:.6g}")
-    click.echo("out-of-fold metrics:")
-    click.echo(format_metrics(card["metrics"]["out_of_fold"]))
+    click.echo(f"chosen on: {th['chosen_on']}")
+    for key, title in (
+        ("leave_one_source_out", "leave-one-source-out"),
+        ("out_of_fold", "out-of-fold"),
+    ):
+        if key in card["metrics"]:
+            click.echo(f"{title} metrics:")
+            click.echo(format_metrics(card["metrics"][key]))
     if do_promote:
         registry.promote(out_p.parent, out_p.name)
         click.echo(f"promoted {out_p.name} (ACTIVE in {out_p.parent})")
@@ -180,8 +260,13 @@ def train(  # type: ignore[no-untyped-def]
 @click.option("--json", "as_json", is_flag=True, help="Print figures as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_models_dir_opt
-def evaluate(model_spec, ham, spam, roc_png, as_json, progress, models_dir):  # type: ignore[no-untyped-def]
-    """Score ham and spam sources with MODEL (name in the models dir, or a path)."""
+@CONFIG_OPTION
+def evaluate(model_spec, ham, spam, roc_png, as_json, progress, models_dir, config_path):  # type: ignore[no-untyped-def]
+    """Score ham and spam sources with MODEL (name in the models dir, or a path).
+
+    Reports AUC, recall at 0.1/0.5/1% ham FPR (saying when the ham count cannot measure a rate)
+    and the outcome at the served thresholds (card + [classifier] overrides).
+    """
     from filterd.classify import corpus
     from filterd.classify import evaluate as ev
 
@@ -189,35 +274,103 @@ def evaluate(model_spec, ham, spam, roc_png, as_json, progress, models_dir):  # 
         m = SpamModel.load(_resolve_model(model_spec, models_dir))
     except ModelError as e:
         raise click.ClickException(str(e)) from None
+    th = _served(m, config_path)
     ys: list[int] = []
     ss: list[float] = []
     groups: list[str] = []
     bar_f = _progress(progress)
     total = corpus.count_messages(list(ham) + list(spam))
     bar = bar_f(total=total, desc="scoring", unit="msg") if bar_f else None
-    for label, srcs in ((0, ham), (1, spam)):  # type: ignore[no-untyped-def]
+    digests: dict[str, str] = {}
+    for label, srcs in ((0, ham), (1, spam)):
         for src in srcs:
-            for _mid, raw in corpus.iter_messages(src):
-                ss.append(m.score(raw))
-                ys.append(label)
-                groups.append(src)
-                if bar is not None:
-                    bar.update(1)
+            scores = _score_sources(m, (src,), bar, digests)
+            ss.extend(scores)
+            ys.extend([label] * len(scores))
+            groups.extend([src] * len(scores))
     if bar is not None:
         bar.close()
     y, s = np.array(ys), np.array(ss)
-    reject, tag = m.thresholds
-    res = ev.metrics(y, s, {"reject": reject, "tag": tag}, groups=np.array(groups))
+    res = ev.metrics(y, s, {"reject": th.reject, "tag": th.tag}, groups=np.array(groups))
     res["model"] = m.name
+    res["served_thresholds"] = th.as_dict()
+    res["in_sample_sources"] = _in_sample(m, digests)
     if roc_png:
-        from filterd.roc import served_thresholds
-
-        ev.roc_png(y, s, roc_png, title=m.name, thresholds=served_thresholds((reject, tag)))
+        ev.roc_png(y, s, roc_png, title=m.name, thresholds={"reject": th.reject, "tag": th.tag})
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
-        click.echo(f"model: {m.name}")
+        click.echo(f"model: {m.name}; served thresholds: {th.describe()}")
+        for src in res["in_sample_sources"]:
+            click.echo(f"WARNING: {src} is a training source of this model: figures are in-sample")
         click.echo(ev.format_metrics(res))
+
+
+@click.command("calibrate")
+@click.argument("model_spec", metavar="NAME")
+@click.option(
+    "--ham",
+    "ham",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True),
+    help="Your own ham (maildir, mbox or directory; repeatable). Only scores are kept.",
+)
+@click.option("--spam", "spam", multiple=True, type=click.Path(exists=True))
+@click.option(
+    "--fpr",
+    default=0.001,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Target ham false-reject rate of the reject threshold.",
+)
+@click.option(
+    "--tag-fpr",
+    default=0.005,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Target ham rate over the tag threshold.",
+)
+@click.option("--dry-run", is_flag=True, help="Report only; do not write the card.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@_models_dir_opt
+def calibrate(model_spec, ham, spam, fpr, tag_fpr, dry_run, as_json, progress, models_dir):  # type: ignore[no-untyped-def]
+    """Set NAME's reject and tag thresholds from a sample of your own ham.
+
+    Messages are scored one at a time and dropped; only the thresholds and counts are written
+    into the model card, with the 95% upper bound on the false-reject rate the sample supports.
+    """
+    from filterd.classify import corpus
+    from filterd.classify.calibrate import calibrate_scores, format_result, write_to_card
+
+    path = _resolve_model(model_spec, models_dir)
+    try:
+        m = SpamModel.load(path)
+    except ModelError as e:
+        raise click.ClickException(str(e)) from None
+    bar_f = _progress(progress)
+    bar = (
+        bar_f(total=corpus.count_messages(list(ham) + list(spam)), desc="scoring", unit="msg")
+        if bar_f
+        else None
+    )
+    hs = np.array(_score_sources(m, tuple(ham), bar))
+    ss = np.array(_score_sources(m, tuple(spam), bar)) if spam else None
+    if bar is not None:
+        bar.close()
+    try:
+        res = calibrate_scores(hs, ss, fpr, tag_fpr)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    if not dry_run:
+        write_to_card(path, res)
+        SpamModel.load(path)  # the card still verifies
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    else:
+        click.echo(format_result(res))
+        click.echo("dry run: card unchanged" if dry_run else f"written to {path / 'card.json'}")
 
 
 @click.group("model")
@@ -227,7 +380,8 @@ def model() -> None:
 
 @model.command("list")
 @_models_dir_opt
-def model_list(models_dir):  # type: ignore[no-untyped-def]
+@CONFIG_OPTION
+def model_list(models_dir, config_path):  # type: ignore[no-untyped-def]
     """List models; '*' marks the active one."""
     d = registry.models_dir(models_dir)
     entries = registry.list_models(d)
@@ -237,11 +391,13 @@ def model_list(models_dir):  # type: ignore[no-untyped-def]
     for e in entries:
         mark = "*" if e["active"] else " "
         if e["ok"]:
-            auc = e.get("auc")
-            auc_s = f"{auc:.5f}" if isinstance(auc, float) else "-"
+            try:
+                th = served_from_config((e["reject"], e["tag"]), config_path)
+            except ConfigError as err:
+                raise click.ClickException(str(err)) from None
             click.echo(
-                f"{mark} {e['name']:<24} {e.get('created') or '-':<20} reject={e['reject']:.6g} "
-                f"tag={e['tag']:.6g} oof_auc={auc_s}"
+                f"{mark} {e['name']:<24} {e.get('created') or '-':<20} "
+                f"served reject={th.reject:.6g} tag={th.tag:.6g}"
             )
         else:
             click.echo(f"{mark} {e['name']:<24} INVALID: {e['error']}")
@@ -250,26 +406,30 @@ def model_list(models_dir):  # type: ignore[no-untyped-def]
 @model.command("show")
 @click.argument("name")
 @_models_dir_opt
-def model_show(name, models_dir):  # type: ignore[no-untyped-def]
-    """Print the model card of NAME (after verifying the model loads)."""
+@CONFIG_OPTION
+def model_show(name, models_dir, config_path):  # type: ignore[no-untyped-def]
+    """Print the model card of NAME (after verifying the model loads) and the served thresholds."""
     try:
         m = SpamModel.load(_resolve_model(name, models_dir))
     except ModelError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(json.dumps(m.card, indent=2))
+    out = dict(m.card)
+    out["served_thresholds"] = _served(m, config_path).as_dict()
+    click.echo(json.dumps(out, indent=2))
 
 
 @model.command("promote")
 @click.argument("name")
 @_models_dir_opt
-def model_promote(name, models_dir):  # type: ignore[no-untyped-def]
+@CONFIG_OPTION
+def model_promote(name, models_dir, config_path):  # type: ignore[no-untyped-def]
     """Make NAME the active model (atomic; running daemons pick it up on SIGHUP or change)."""
     d = registry.models_dir(models_dir)
     try:
         m = registry.promote(d, name)
     except ModelError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"promoted {m.name} (reject={m.thresholds[0]:.6g} tag={m.thresholds[1]:.6g})")
+    click.echo(f"promoted {m.name}; served thresholds: {_served(m, config_path).describe()}")
 
 
-__all__ = ["evaluate", "model", "train"]
+__all__ = ["calibrate", "evaluate", "model", "train"]

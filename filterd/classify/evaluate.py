@@ -116,9 +116,15 @@ def _by_group(s: np.ndarray, groups: np.ndarray, t: float) -> dict[str, Any]:
 def format_metrics(m: dict[str, Any]) -> str:
     lines = [f"messages: {m['n_ham']} ham, {m['n_spam']} spam", f"ROC AUC: {m['roc_auc']:.5f}"]
     for f, e in m["recall_at_fpr"].items():
+        n_allowed = int(np.floor(float(f) * m["n_ham"] + 1e-9))
+        note = (
+            f"{n_allowed} of {m['n_ham']} ham over"
+            if n_allowed
+            else f"NOT MEASURABLE with {m['n_ham']} ham: threshold above every ham"
+        )
         lines.append(
             f"spam recall at ham FPR {float(f) * 100:g}%: {e['spam_recall'] * 100:.2f}%"
-            f"  (threshold {e['threshold']:.6g})"
+            f"  (threshold {e['threshold']:.6g}; {note})"
         )
     for name, c in (m.get("at_thresholds") or {}).items():
         lines.append(

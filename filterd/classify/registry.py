@@ -193,11 +193,8 @@ class ModelHolder:
             self.last_error = None
             changed = old is None or old.name != model.name or old.card != model.card
             if changed:
-                log.info(
-                    "classifier model %r loaded (reject=%.6g tag=%.6g)",
-                    model.name,
-                    *model.thresholds,
-                )
+                # The served thresholds (card + overrides) are logged by the check that serves it.
+                log.info("classifier model %r loaded from %s", model.name, self.models_dir)
             return changed
 
     def maybe_reload(self) -> bool:

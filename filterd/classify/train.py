@@ -28,8 +28,16 @@ import numpy as np
 import scipy.sparse as sp
 
 from filterd.classify import corpus, evaluate
-from filterd.classify.features import extract_features
-from filterd.classify.model import SpamModel, sigmoid, vectorize, vectorizer_settings
+from filterd.classify.features import RATIONALE, extract_features
+from filterd.classify.model import (
+    DEFAULT_EVIDENCE,
+    SpamModel,
+    evidence_of,
+    shrink,
+    sigmoid,
+    vectorize,
+    vectorizer_settings,
+)
 
 ProgressFactory = Callable[..., Any]
 
@@ -37,13 +45,24 @@ ProgressFactory = Callable[..., Any]
 @dataclass
 class TrainConfig:
     n_features: int = 2**20
-    alpha: float = 1e-6  # L2 regularisation of SGDClassifier
+    alpha: float = 1e-5  # L2 regularisation of SGDClassifier (1e-6 and 1e-4 transferred worse)
     epochs: int = 10
     ham_weight: float = 2.0  # sample weight of ham relative to spam (false rejects cost more)
+    # Weigh spam by n_ham/n_spam of each fit's training rows, so the class ratio of a training set
+    # (which differs between corpora and between leave-one-source-out folds) does not move scores.
+    balance: bool = True
     batch_size: int = 1000
     folds: int = 5  # out-of-fold scoring for thresholds + card metrics
     reject_fpr: float = 0.001  # target false-reject rate on held-out ham
-    tag_fpr: float = 0.01  # target false-tag rate on held-out ham
+    tag_fpr: float = 0.005  # target false-tag rate on held-out ham
+    # "sources": thresholds on pooled leave-one-source-out ham (>= 2 ham sources), else "folds"
+    threshold_on: str = "sources"
+    # sources (paths) that are a difficulty stratum of the others (SpamAssassin hard_ham): scored
+    # out-of-fold, never left out whole, in the leave-one-source-out threshold scores
+    strata: tuple[str, ...] = ()
+    # thin evidence: log-odds pulled toward prior_logit below full_words distinct words
+    full_words: float = DEFAULT_EVIDENCE["full_words"]
+    prior_logit: float = DEFAULT_EVIDENCE["prior_logit"]
     seed: int = 0
     value_dtype: str = "float16"
     # Average the weights of this many SGD runs (each its own shuffles and SGD seed).  Still one
@@ -69,25 +88,35 @@ class Cache:
     n: int = 0
 
 
-def _save_batch(
-    path: Path, X: sp.csr_matrix, y: np.ndarray, fold: np.ndarray, idx: np.ndarray
-) -> None:
+@dataclass
+class Batch:
+    X: sp.csr_matrix
+    y: np.ndarray
+    fold: np.ndarray  # CV fold from the message sha256
+    src: np.ndarray  # index of the source the message came from
+    evidence: np.ndarray  # distinct words (see model.evidence_of)
+    idx: np.ndarray
+
+
+def _save_batch(path: Path, b: Batch) -> None:
     np.savez(
         path,
-        data=X.data,
-        indices=X.indices,
-        indptr=X.indptr,
-        shape=np.array(X.shape, dtype=np.int64),
-        y=y,
-        fold=fold,
-        idx=idx,
+        data=b.X.data,
+        indices=b.X.indices,
+        indptr=b.X.indptr,
+        shape=np.array(b.X.shape, dtype=np.int64),
+        y=b.y,
+        fold=b.fold,
+        src=b.src,
+        evidence=b.evidence,
+        idx=b.idx,
     )
 
 
-def _load_batch(path: Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
+def _load_batch(path: Path) -> Batch:
     with np.load(path, allow_pickle=False) as z:
         X = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
-        return X, z["y"], z["fold"], z["idx"]
+        return Batch(X, z["y"], z["fold"], z["src"], z["evidence"], z["idx"])
 
 
 def build_cache(
@@ -101,6 +130,8 @@ def build_cache(
     toks: list[list[str]] = []
     ys: list[int] = []
     folds: list[int] = []
+    srcs: list[int] = []
+    evid: list[int] = []
     total = corpus.count_messages([s for s, _ in sources])
     bar = progress(total=total, desc="reading", unit="msg") if progress else None
 
@@ -110,12 +141,24 @@ def build_cache(
         X = vectorize(toks, cfg.n_features)
         p = cache_dir / f"batch{len(cache.batches):06d}.npz"
         idx = np.arange(cache.n, cache.n + len(toks), dtype=np.int64)
-        _save_batch(p, X, np.array(ys, dtype=np.int8), np.array(folds, dtype=np.int16), idx)
+        _save_batch(
+            p,
+            Batch(
+                X,
+                np.array(ys, dtype=np.int8),
+                np.array(folds, dtype=np.int16),
+                np.array(srcs, dtype=np.int16),
+                np.array(evid, dtype=np.float64),
+                idx,
+            ),
+        )
         cache.batches.append(p)
         cache.n += len(toks)
         toks.clear()
         ys.clear()
         folds.clear()
+        srcs.clear()
+        evid.clear()
 
     # Read all sources interleaved (chosen at random, weighted by their estimated remaining size)
     # so every cached batch is a mixture of ham and spam: SGD on single-class batches does badly.
@@ -139,7 +182,10 @@ def build_cache(
         aggs[k].update(h)
         infos[k].messages += 1
         infos[k].bytes += len(raw)
-        toks.append(extract_features(raw))
+        t = extract_features(raw)
+        toks.append(t)
+        evid.append(evidence_of(t))
+        srcs.append(k)
         ys.append(sources[k][1])
         folds.append(int.from_bytes(h[:4], "big") % max(1, cfg.folds))
         if len(toks) >= cfg.batch_size:
@@ -154,23 +200,27 @@ def build_cache(
     return cache, infos
 
 
+Keep = Callable[[Batch], np.ndarray]
+
+
 def _iter_rows(
-    cache: Cache, rng: np.random.Generator, keep: Callable[[np.ndarray], np.ndarray] | None
+    cache: Cache, rng: np.random.Generator, keep: Keep | None
 ) -> Iterator[tuple[sp.csr_matrix, np.ndarray]]:
     for bi in rng.permutation(len(cache.batches)):
-        X, y, fold, _ = _load_batch(cache.batches[bi])
-        m = keep(fold) if keep is not None else np.ones(len(y), dtype=bool)
+        bt = _load_batch(cache.batches[bi])
+        m = keep(bt) if keep is not None else np.ones(len(bt.y), dtype=bool)
         rows = np.flatnonzero(m)
         if rows.size == 0:
             continue
         rows = rng.permutation(rows)
-        yield X[rows], y[rows].astype(np.int64)
+        yield bt.X[rows], bt.y[rows].astype(np.int64)
 
 
 def fit_sgd(
     epoch_batches: Callable[[int], Iterator[tuple[sp.csr_matrix, np.ndarray]]],
     n_features: int,
     cfg: TrainConfig,
+    spam_weight: float = 1.0,
 ) -> tuple[np.ndarray, float]:
     """SGD logistic regression with partial_fit over ``epoch_batches(epoch)``; returns (coef, b).
 
@@ -191,7 +241,7 @@ def fit_sgd(
         for ep in range(cfg.epochs):
             # epoch numbers run on across members, so every member sees its own shuffles
             for X, y in epoch_batches(j * cfg.epochs + ep):
-                w = np.where(y == 0, cfg.ham_weight, 1.0)
+                w = np.where(y == 0, cfg.ham_weight, spam_weight)
                 clf.partial_fit(X, y, classes=np.array([0, 1]), sample_weight=w)
                 seen = True
         if not seen:
@@ -201,28 +251,63 @@ def fit_sgd(
     return coef / members, b / members
 
 
-def _fit_on_cache(
-    cache: Cache, cfg: TrainConfig, exclude_fold: int | None
-) -> tuple[np.ndarray, float]:
+def fit_matrix(X: Any, y: np.ndarray, cfg: TrainConfig) -> tuple[np.ndarray, float]:
+    """:func:`fit_sgd` over an in-memory CSR matrix, shuffled batches of ``cfg.batch_size``."""
     rng = np.random.default_rng(cfg.seed)
-    keep = None if exclude_fold is None else (lambda f: f != exclude_fold)
-    return fit_sgd(lambda ep: _iter_rows(cache, rng, keep), cfg.n_features, cfg)
+    y = np.asarray(y, dtype=np.int64)
+
+    def batches(_ep: int) -> Iterator[tuple[Any, np.ndarray]]:
+        order = rng.permutation(y.shape[0])
+        for i in range(0, order.size, cfg.batch_size):
+            rows = order[i : i + cfg.batch_size]
+            yield X[rows], y[rows]
+
+    return fit_sgd(batches, X.shape[1], cfg, _spam_weight(cfg, int((y == 0).sum()), int(y.sum())))
 
 
-def _oof_scores(
-    cache: Cache, cfg: TrainConfig, progress: ProgressFactory | None
+def _spam_weight(cfg: TrainConfig, n_ham: int, n_spam: int) -> float:
+    return n_ham / n_spam if cfg.balance and n_ham and n_spam else 1.0
+
+
+def _fit_on_cache(cache: Cache, cfg: TrainConfig, keep: Keep | None) -> tuple[np.ndarray, float]:
+    rng = np.random.default_rng(cfg.seed)
+    spam_w = 1.0
+    if cfg.balance:
+        n = np.zeros(2, dtype=np.int64)
+        for p in cache.batches:
+            bt = _load_batch(p)
+            m = keep(bt) if keep is not None else np.ones(len(bt.y), dtype=bool)
+            n += np.bincount(bt.y[m].astype(np.int64), minlength=2)[:2]
+        spam_w = _spam_weight(cfg, int(n[0]), int(n[1]))
+    return fit_sgd(lambda ep: _iter_rows(cache, rng, keep), cfg.n_features, cfg, spam_w)
+
+
+def _held_out_scores(
+    cache: Cache,
+    cfg: TrainConfig,
+    groups: Sequence[int],
+    group_of: Callable[[Batch], np.ndarray],
+    progress: ProgressFactory | None,
+    desc: str,
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Score each group's rows with a model trained on the other groups (folds or sources)."""
     y_all = np.zeros(cache.n, dtype=np.int8)
     s_all = np.full(cache.n, np.nan)
-    bar = progress(total=cfg.folds, desc="threshold folds", unit="fold") if progress else None
-    for f in range(cfg.folds):
-        coef, b = _fit_on_cache(cache, cfg, exclude_fold=f)
+    bar = progress(total=len(groups), desc=desc, unit="model") if progress else None
+
+    def not_in(g: int) -> Keep:
+        return lambda bt: np.asarray(group_of(bt) != g)
+
+    for g in groups:
+        coef, b = _fit_on_cache(cache, cfg, keep=not_in(g))
         for p in cache.batches:
-            X, y, fold, idx = _load_batch(p)
-            m = fold == f
-            y_all[idx] = y
+            bt = _load_batch(p)
+            m = group_of(bt) == g
+            y_all[bt.idx] = bt.y
             if m.any():
-                s_all[idx[m]] = sigmoid(np.asarray(X[m] @ coef).ravel() + b)
+                z = np.asarray(bt.X[m] @ coef).ravel() + b
+                z = shrink(z, bt.evidence[m], cfg.full_words, cfg.prior_logit)
+                s_all[bt.idx[m]] = sigmoid(z)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -236,6 +321,11 @@ def choose_thresholds(
     reject = evaluate.select_threshold(ham_scores, reject_fpr)
     tag = min(reject, evaluate.select_threshold(ham_scores, tag_fpr))
     return {"reject": reject, "tag": tag}
+
+
+def _same(path: str, paths: Sequence[str]) -> bool:
+    rp = os.path.realpath(path)
+    return any(os.path.realpath(x) == rp for x in paths)
 
 
 def train(
@@ -261,11 +351,48 @@ def train(
             )
         if cfg.folds < 2:
             raise ValueError("folds must be >= 2 (out-of-fold ham scores choose the thresholds)")
-        y, s = _oof_scores(cache, cfg, progress)
+        y, s = _held_out_scores(
+            cache, cfg, range(cfg.folds), lambda bt: bt.fold, progress, "CV folds"
+        )
         ok = ~np.isnan(s)
-        thresholds = choose_thresholds(s[ok & (y == 0)], cfg.reject_fpr, cfg.tag_fpr)
-        oof_metrics = evaluate.metrics(y[ok], s[ok], thresholds)
-        coef, b = _fit_on_cache(cache, cfg, exclude_fold=None)
+        metrics: dict[str, Any] = {}
+        ham_srcs = [
+            i
+            for i, (pth, lab) in enumerate(sources)
+            if lab == 0 and infos[i].messages and not _same(pth, cfg.strata)
+        ]
+        if cfg.threshold_on == "sources" and len(ham_srcs) >= 2:
+            # Pooled leave-one-source-out ham: ham from a source the model did not see, the
+            # situation it serves in; out-of-fold ham of the same sources sets it too cautiously.
+            strata = {i for i, (pth, _) in enumerate(sources) if _same(pth, cfg.strata)}
+            used = [i for i in range(len(sources)) if infos[i].messages and i not in strata]
+            # group id: the source, or for a stratum -(1 + its CV fold), so a stratum's folds are
+            # held out one at a time while the rest of it stays in training
+            strata_arr = np.array(sorted(strata) or [-1])
+
+            def group_of(bt: Batch) -> np.ndarray:
+                g = bt.src.astype(np.int64)
+                st = np.isin(g, strata_arr)
+                return np.where(st, -1 - bt.fold.astype(np.int64), g)
+
+            groups = used + ([-1 - f for f in range(cfg.folds)] if strata else [])
+            ys, ss = _held_out_scores(
+                cache, cfg, groups, group_of, progress, "leave-one-source-out"
+            )
+            oks = ~np.isnan(ss)
+            chosen_on = (
+                f"pooled leave-one-source-out ham scores ({int((oks & (ys == 0)).sum())} ham "
+                f"from {len(ham_srcs)} sources, each scored by a model trained without it"
+                + (f"; strata scored out-of-fold: {list(cfg.strata)}" if strata else "")
+                + ")"
+            )
+            thresholds = choose_thresholds(ss[oks & (ys == 0)], cfg.reject_fpr, cfg.tag_fpr)
+            metrics["leave_one_source_out"] = evaluate.metrics(ys[oks], ss[oks], thresholds)
+        else:
+            chosen_on = f"out-of-fold ham scores, {cfg.folds} folds split by message sha256"
+            thresholds = choose_thresholds(s[ok & (y == 0)], cfg.reject_fpr, cfg.tag_fpr)
+        metrics["out_of_fold"] = evaluate.metrics(y[ok], s[ok], thresholds)
+        coef, b = _fit_on_cache(cache, cfg, keep=None)
     card: dict[str, Any] = {
         "created": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "description": description,
@@ -277,7 +404,7 @@ def train(
             "serving": "p = sigmoid(w . x + b) over hashed binary features, L2-normalised",
             "train_config": asdict(cfg),
         },
-        "features": vectorizer_settings(cfg.n_features),
+        "features": {**vectorizer_settings(cfg.n_features), "rationale": RATIONALE},
         "training_data": {
             "ham_messages": n_ham,
             "spam_messages": n_spam,
@@ -287,8 +414,9 @@ def train(
             **thresholds,
             "reject_target_fpr": cfg.reject_fpr,
             "tag_target_fpr": cfg.tag_fpr,
-            "chosen_on": f"out-of-fold ham scores, {cfg.folds} folds split by message sha256",
+            "chosen_on": chosen_on,
         },
-        "metrics": {"out_of_fold": oof_metrics},
+        "evidence": {"full_words": cfg.full_words, "prior_logit": cfg.prior_logit},
+        "metrics": metrics,
     }
     return SpamModel.save(out, coef, b, card, value_dtype=cfg.value_dtype)
