@@ -106,25 +106,10 @@ def prepare(settings: Settings) -> None:
     directory.chmod(0o700)
     for old in directory.glob("*.db"):
         old.unlink(missing_ok=True)
-    _chown_for_workers(settings, directory)
     os.environ[ENV] = str(directory)
     # The process that prepares is the supervisor: it serves no mail, so it neither
     # counts as a worker nor starts a monitor thread (threads and fork do not mix).
     _SUPERVISOR_PID = os.getpid()
-
-
-def _chown_for_workers(settings: Settings, directory: Path) -> None:
-    """Workers that drop privileges ([daemon] user, when the daemon has one) must write here."""
-    user = getattr(settings.daemon, "user", None)
-    if not user or os.geteuid() != 0:
-        return
-    import pwd
-
-    try:
-        entry = pwd.getpwnam(str(user))
-    except KeyError:
-        return
-    os.chown(directory, entry.pw_uid, entry.pw_gid)
 
 
 def worker_exited(pid: int) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import grp
+import importlib
 import logging
 import os
 import pwd
@@ -384,13 +385,27 @@ def read_pidfile(path: Path) -> int | None:
     return pid
 
 
+_PRELOAD = (
+    "filterd.services.private",  # private Redis/clamd, started after the drop
+    "filterd.milter",
+    "filterd.pipeline",
+    "filterd.runtime",
+    "filterd.daemon",
+)
+# The metrics child serves HTTP after the drop (prometheus_client after metrics.prepare).
+_PRELOAD_METRICS = ("gzip", "wsgiref.simple_server", "prometheus_client.multiprocess")
+
+
 def preload(settings: Settings) -> None:
     """Import what every worker needs and warm the model's lazy tables, before fork.
 
     Forked workers share these pages; a replacement worker then only builds its own
     clients and loads the model arrays (page-cached). No client, no thread is made here.
+    Imported while still root: an interpreter installed where the daemon user cannot
+    read (a home directory) must have every module loaded before the drop.
     """
-
+    for module in _PRELOAD + (_PRELOAD_METRICS if metrics.enabled(settings) else ()):
+        importlib.import_module(module)
     for phase in (settings.pipeline.recipient_checks, settings.pipeline.message_checks):
         for check in phase:
             with contextlib.suppress(Exception):
@@ -460,11 +475,14 @@ class Supervisor:
                 from filterd.records.logfilter import install_from_config
 
                 install_from_config(settings.section("records"))
+            # Before the preload: prometheus_client fixes its multiprocess mode on import.
+            metrics.prepare(settings)
+            if identity is not None and metrics.enabled(settings):
+                os.chown(metrics.metrics_dir(settings), identity.uid, identity.gid)
             # Before the drop too: everything the workers import is read while still root.
             preload(settings)
             write_pidfile(pidfile, identity)
             drop_privileges(identity)
-            metrics.prepare(settings)
             with private_services(settings) as overrides:
                 os.environ.update(overrides)
                 settings = load_settings(self.config)

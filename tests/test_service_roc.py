@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from filterd.roc import at_threshold, render, write_roc_png
 
@@ -35,16 +34,3 @@ def test_axis_starts_at_one_over_ham_count_and_thresholds_are_marked(tmp_path: P
     out = tmp_path / "roc.png"
     write_roc_png(y, s, out, thresholds={"reject": 0.99})
     assert out.read_bytes()[:4] == b"\x89PNG"
-
-
-def test_served_thresholds_follow_the_configuration(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from filterd.roc import served_thresholds
-    from tests.helpers_daemon import write_config
-
-    cfg = write_config(tmp_path / "f.toml", {"classifier": {"tag_threshold": 0.5}})
-    monkeypatch.setenv("FILTERD_CONFIG", str(cfg))
-    assert served_thresholds((0.9, 0.1)) == {"reject": 0.9, "tag": 0.5}
-    cfg.write_text("[classifier]\nreject_threshold = 0.4\ntag_threshold = 0.5\n")
-    assert served_thresholds((0.9, 0.1)) == {"reject": 0.4, "tag": 0.4}
