@@ -233,7 +233,8 @@ class Soak:
             config = write_config(
                 base / "filterd.toml",
                 {
-                    "daemon": {"state_dir": str(base / "state"), "log_level": "warning"},
+                    # info: the harness waits for the supervisor's "milter ready" line.
+                    "daemon": {"state_dir": str(base / "state"), "log_level": "info"},
                     "redis": {"url": redis.url, "socket_timeout": 1.0},
                     "pipeline": {
                         "recipient_checks": ["allowlist", "dnsbl"],
@@ -241,12 +242,11 @@ class Soak:
                         "rcpt_budget_seconds": 3.0,
                         "message_budget_seconds": 6.0,
                     },
-                    "clamav": {"address": clamd.address, "timeout": 5.0},
+                    "antivirus": {"address": clamd.address, "timeout": 5.0},
                     "allowlist": {"site_files": []},
+                    "dns": {"nameservers": rbl.nameserver, "query_timeout": 0.5},
                     "dnsbl": {
-                        "nameservers": rbl.nameserver,
                         "skip_private": False,
-                        "query_timeout": 0.5,
                         "budget": 1.0,
                         "transaction_cache_seconds": 0,
                         "lists": [
@@ -287,6 +287,18 @@ class Soak:
             def pids_of(get: Callable[[], int | None]) -> Callable[[], list[int]]:
                 return lambda: [p for p in [get()] if p is not None]
 
+            def worker_pids() -> list[int]:
+                """The supervisor's children: its workers (it replaces any that die)."""
+                if daemon.proc is None:
+                    return []
+                pid = daemon.proc.pid
+                try:
+                    return [
+                        int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                    ]
+                except OSError:
+                    return []
+
             targets = [
                 Target("clamd", pids_of(lambda: clamd.pid), restarter(clamd)),
                 Target("redis", pids_of(lambda: redis.pid), restarter(redis)),
@@ -296,6 +308,7 @@ class Soak:
                     pids_of(lambda: daemon.proc.pid if daemon.proc else None),
                     restart_daemon,
                 ),
+                Target("worker", worker_pids, lambda: None),
             ]
             yield postfix, sink, targets
 
