@@ -50,6 +50,14 @@ GENERIC_TEMPFAIL = SmtpReply(
     451, "4.7.1", "Temporary failure in content filtering; try again later"
 )
 SPAM_REPLY = SmtpReply(550, "5.7.1", "Message refused: it looks like spam to our content filter")
+# Outbound mail (filterd.outbound): the reply reaches our own user's mail client.
+OUTBOUND_SPAM_REPLY = SmtpReply(
+    550,
+    "5.7.1",
+    "Your message was not sent: our outgoing spam filter classified it as spam. "
+    "This counts against your account; contact support if it is a mistake",
+)
+_SPAM_REPLIES = {"outbound": OUTBOUND_SPAM_REPLY}
 
 # The one oversize table: what was too big ("message": the body was not kept in
 # full; "scan": bigger than the virus scanner takes; "limits": a small message with
@@ -98,7 +106,11 @@ def _evidence_to_effect(finding: Finding) -> Finding:
         prefix = finding.check.upper()
         if p >= cut.reject:
             return replace(
-                finding, code=f"{prefix}_SPAM", effect=Effect.REJECT, reply=SPAM_REPLY, score=0.0
+                finding,
+                code=f"{prefix}_SPAM",
+                effect=Effect.REJECT,
+                reply=_SPAM_REPLIES.get(finding.check, SPAM_REPLY),
+                score=0.0,
             )
         if p >= cut.tag:
             return replace(

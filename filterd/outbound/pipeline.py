@@ -16,11 +16,13 @@ one model in memory); any it lacks are built here and closed here.
 
 from __future__ import annotations
 
-import importlib
 import logging
+import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 from filterd import policy
+from filterd.checks import REGISTRY
 from filterd.checks.base import Check, MessageCheck, Services
 from filterd.keyspace import SubjectKind
 from filterd.outbound.config import DEFAULT_MESSAGE_CHECKS, Config
@@ -35,18 +37,14 @@ from filterd.types import (
     Message,
     RecipientDecision,
     SmtpReply,
+    Thresholds,
 )
 
 log = logging.getLogger("filterd.outbound")
 
 SPAM_CODE = "OUTBOUND_SPAM"
 RATE_CODE = "OUTBOUND_RATE_LIMIT"
-SPAM_REPLY = SmtpReply(
-    550,
-    "5.7.1",
-    "Your message was not sent: our outgoing spam filter classified it as spam. "
-    "This counts against your account; contact support if it is a mistake",
-)
+CHECK = "outbound"  # the name outbound classifier evidence carries (codes OUTBOUND_*)
 LIMIT_FAIL_REPLY = SmtpReply(451, "4.7.1", "Temporary failure checking sending limits; try later")
 
 
@@ -91,19 +89,27 @@ class OutboundClassifier(_Borrowed):
         self.threshold = threshold
 
     def check_message(self, message: Message, exempt: bool) -> Sequence[Finding]:
-        findings = list(self._check.check_message(message, False))
-        p = next((f.spam_probability for f in findings if f.spam_probability is not None), None)
-        card = next((f.thresholds for f in findings if f.thresholds is not None), None)
-        fallback = card.reject if card is not None else None
-        threshold = self.threshold if self.threshold is not None else fallback
-        spam = p is not None and threshold is not None and p >= threshold
-        detail = "; ".join(f.detail for f in findings if f.detail)
-        if spam:
-            return [
-                Finding(self.name, SPAM_CODE, detail, effect=Effect.REJECT, reply=SPAM_REPLY,
-                        bypassable=False, spam_probability=p)
-            ]  # fmt: skip
-        return [Finding(self.name, "OUTBOUND_HAM", detail, spam_probability=p)]
+        """The classifier's evidence with outbound thresholds; filterd.policy decides.
+
+        Re-labelled ``outbound`` so the policy words the refusal for our own user
+        (``OUTBOUND_SPAM``) and never tags: outbound mail is refused or passed.
+        """
+        out: list[Finding] = []
+        for finding in self._check.check_message(message, False):
+            cut = finding.thresholds
+            if finding.spam_probability is None or cut is None:
+                out.append(finding)  # failures and anything else pass through unchanged
+                continue
+            reject = self.threshold if self.threshold is not None else cut.reject
+            out.append(
+                replace(
+                    finding,
+                    check=CHECK,
+                    bypassable=False,
+                    thresholds=Thresholds(reject=reject, tag=math.inf, tag_points=0.0),
+                )
+            )
+        return out
 
 
 class OutboundPipeline:
@@ -154,7 +160,9 @@ class OutboundPipeline:
 
     @staticmethod
     def _build(settings: Settings, services: Services, name: str) -> Check:
-        module = importlib.import_module(f"filterd.checks.{name}")
+        module = REGISTRY.get(name)
+        if module is None:
+            raise CheckBuildError(f"[outbound] check {name!r} is not a known check")
         try:
             check: Check = module.build(settings.section(module.SECTION), services)
         except Exception as exc:
