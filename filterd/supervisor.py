@@ -207,6 +207,9 @@ def _own(path: Path, identity: Identity | None, gid: int | None = None, mode: in
     path.mkdir(parents=True, exist_ok=True)
     if identity is not None:
         os.chown(path, identity.uid, identity.gid if gid is None else gid)
+    elif gid is not None:  # still root: the group alone (Postfix's, for the socket directory)
+        with contextlib.suppress(OSError):
+            os.chown(path, -1, gid)
     with contextlib.suppress(OSError):
         os.chmod(path, mode)
 
