@@ -10,7 +10,7 @@ defaults and ``$name`` expansions are Postfix's own) and says whether
 path fit filterd's ``[milter] socket`` — including Debian's chrooted smtpd.
 
 Every line says ``ok``, ``note``, ``warning`` or ``error``; the exit status is
-1 when there is an error. Other owners add checks through ``HOOKS``.
+1 when there is an error.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 import shutil
 import subprocess
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,13 +42,6 @@ class Line:
 
     def __str__(self) -> str:
         return f"{self.level}: {self.what}: {self.text}"
-
-
-# Checks contributed by other owners, each ``(settings) -> iterable of Line``. The lead
-# wires them at merge: the redis helper's ``describe_topology`` (Sentinel/Cluster layout)
-# and the outbound helper's ``submission_leaks`` (headers that would leak on submission).
-Hook = Callable[[Settings], Iterable[Line]]
-HOOKS: list[Hook] = []
 
 
 def _suggest(name: str, known: Iterable[str]) -> str:
@@ -208,8 +201,36 @@ def check_dependencies(settings: Settings) -> list[Line]:
         lines.append(Line("ok", "clamd", f"{clamd} answers PING"))
     if settings.redis.url and "redis" not in down:
         lines.append(Line("ok", "redis", "answers PING"))
+        lines += check_redis_topology(settings)
     lines += check_dns_lists(settings)
     return lines
+
+
+def check_redis_topology(settings: Settings) -> list[Line]:
+    """What the Redis URL leads to now: the master in service, the shards (issue 16)."""
+    from filterd.clients.redis import connect, describe_topology, redacted_url
+
+    what = f"redis {redacted_url(settings.redis.url)}"
+    client = connect(settings, settings.redis.url)
+    try:
+        topo = describe_topology(client)
+    except Exception as exc:  # noqa: BLE001 - reported, like every dependency problem
+        return [Line("error", what, f"topology not readable: {exc}")]
+    finally:
+        client.close()
+    if topo["mode"] == "cluster":
+        text = (
+            f"cluster, {topo['shards']} shards ({', '.join(topo['masters'])}), "
+            f"{topo['replicas']} replicas, cluster_state {topo['state']}"
+        )
+    elif topo["mode"] == "sentinel":
+        text = (
+            f"sentinel service {topo['service']}: master {topo['master']}, "
+            f"{topo['replicas']} replicas, {len(topo['sentinels'])} sentinels"
+        )
+    else:
+        text = f"single server {topo['master']} ({topo['role']}), {topo['replicas']} replicas"
+    return [Line("ok", what, text)]
 
 
 def check_dns_lists(settings: Settings) -> list[Line]:
@@ -359,6 +380,13 @@ def check_postfix(settings: Settings, main_cf: Path) -> list[Line]:
         )
     if chrooted is None:
         lines.append(Line("note", what, "no master.cf beside main.cf: chroot not checked"))
+    else:
+        from filterd.outbound.postfix import submission_leaks
+
+        leaks = submission_leaks(main_cf, confdir / "master.cf")
+        lines += [Line("warning", f"{what} submission", leak) for leak in leaks]
+        if not leaks:
+            lines.append(Line("ok", f"{what} submission", "no client IP leaks on submission"))
     return lines
 
 
@@ -378,11 +406,6 @@ def run_checks(
     lines += check_checks(settings)
     if services:
         lines += check_dependencies(settings)
-    for hook in HOOKS:
-        try:
-            lines += list(hook(settings))
-        except Exception as exc:  # noqa: BLE001 - a hook's failure is a finding
-            lines.append(Line("error", getattr(hook, "__name__", "hook"), str(exc)))
     if main_cf is not None:
         lines += check_postfix(settings, main_cf)
     return lines

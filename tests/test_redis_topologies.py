@@ -282,6 +282,19 @@ def test_the_topology_is_described(topology: Topology) -> None:
         assert info["master"].endswith(str(parse_port(topology.url)))
 
 
+def test_filterd_check_reports_the_topology(topology: Topology, tmp_path: Path) -> None:
+    from filterd.check import check
+    from tests.helpers_daemon import write_config
+
+    cfg = write_config(tmp_path / "filterd.toml", {"redis": {"url": topology.url}})
+    result = CliRunner().invoke(check, ["--config", str(cfg)])
+    line = next(x for x in result.output.splitlines() if x.startswith("ok: redis "))
+    if topology.name == "cluster":
+        assert "cluster, 3 shards" in line and "cluster_state ok" in line, line
+    else:
+        assert f"single server 127.0.0.1:{parse_port(topology.url)} (master)" in line, line
+
+
 def parse_port(url: str) -> int:
     return int(re.search(r":(\d+)/", url).group(1))  # type: ignore[union-attr]
 
@@ -710,6 +723,13 @@ def _api(nodes: dict[str, Any], method: str, mailbox: str, entries: list[str] | 
 def test_an_edit_through_node_a_api_is_honoured_by_node_b(sentinel_nodes: dict[str, Any]) -> None:
     info = describe_topology(connect(settings(), sentinel_nodes["group"].url))
     assert info["mode"] == "sentinel" and info["replicas"] == 1 and len(info["sentinels"]) == 3
+    # `filterd check` names the master the sentinels point at now.
+    from filterd.check import check_redis_topology
+
+    url = sentinel_nodes["group"].url
+    [line] = check_redis_topology(load_settings(env={"FILTERD_REDIS_URL": url}))
+    assert line.level == "ok" and f"master {info['master']}" in line.text, line
+    assert "1 replicas, 3 sentinels" in line.text, line
     erin = "erin@example.org"
     before = _send("B", sentinel_nodes["B"], "edit-1", erin, SPAM_BODY)
     assert before.code == 554 and "dbl.test" in before.text, before

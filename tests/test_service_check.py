@@ -183,3 +183,33 @@ def test_dns_lists_are_asked_for_their_test_entries(tmp_path: Path, rbldnsd: Any
     assert code == 0, out  # lists fail open: warnings, not errors
     warnings = [line for line in out.splitlines() if line.startswith("warning: dns lists:")]
     assert len(warnings) == 1 and "GONE (unserved.test)" in warnings[0], out
+
+
+def test_postfix_submission_leaks_are_reported(tmp_path: Path) -> None:
+    """`check --postfix` reads master.cf for the submission service (issue 17)."""
+    from filterd.outbound.postfix import installed_version, submission_recipe
+
+    main = "smtpd_milters = unix:/run/filterd/milter.sock\nmilter_default_action = tempfail\n"
+    main_cf = _postfix_dir(tmp_path, main, chroot="n")
+    master_cf = main_cf.parent / "master.cf"
+    master_cf.write_text(
+        MASTER_CF.format(chroot="n")
+        + "submission inet n       -       n       -       -       smtpd\n"
+        + "  -o smtpd_sasl_auth_enable=yes\n"
+    )
+    cfg = _filterd_cfg(tmp_path, "unix:/run/filterd/milter.sock")
+    args = ("--config", str(cfg), "--no-services", "--postfix", "--main-cf", str(main_cf))
+    _, out = run_check(*args)
+    leaks = [line for line in out.splitlines() if line.startswith("warning: postfix")]
+    assert any("submission" in line for line in leaks), out
+    # With the printed recipe in place the same check finds nothing to warn about.
+    table = main_cf.parent / "filterd_submission_header_checks"
+    recipe = submission_recipe(
+        installed_version() or (3, 7, 0), chroot="n", header_checks=str(table)
+    )
+    master_cf.write_text(MASTER_CF.format(chroot="n") + recipe.master_cf())
+    for name, text in recipe.files.items():
+        Path(name).write_text(text)
+    code, out = run_check(*args)
+    assert code == 0, out
+    assert "ok: postfix" in out and "submission: no client IP leaks on submission" in out, out
