@@ -295,6 +295,38 @@ def test_filterd_check_reports_the_topology(topology: Topology, tmp_path: Path) 
         assert f"single server 127.0.0.1:{parse_port(topology.url)} (master)" in line, line
 
 
+def test_rate_limits_are_the_same_on_every_topology(topology: Topology) -> None:
+    """The outbound sending limits (one Lua script per decision) on one Redis and on Cluster."""
+    from filterd.outbound.config import LIMIT_NAMES
+    from filterd.outbound.ratelimit import RateLimiter
+
+    client = topology.client()
+    limits = {**dict.fromkeys(LIMIT_NAMES, 0), "messages_per_hour": 3, "recipients_per_hour": 4}
+    rl = RateLimiter(client, limits)
+    carol, dave = "carol@example.org", "dave@example.org"
+    assert [rl.consume("u", carol, 1, 1).allowed for _ in range(3)] == [True] * 3
+    over = rl.consume("u", carol, 1, 1)
+    assert not over.allowed and over.limit_name == "messages_per_hour" and over.limit == 3
+    assert rl.consume("u", dave, 1, 1).allowed  # another login is not charged
+    # A refused decision charges nothing; recipients are their own budget.
+    assert rl.consume("u", dave, 0, 3).allowed
+    refused = rl.consume("u", dave, 1, 1)
+    assert not refused.allowed and refused.limit_name == "recipients_per_hour"
+    used = {u.name: u.used for u in rl.usage("u", dave)}
+    assert used["messages_per_hour"] == 1 and used["recipients_per_hour"] == 4, used
+    # Per-account overrides are read by the same script.
+    rl.set_overrides("u", "erin@example.org", {"messages_per_hour": 1})
+    assert rl.consume("u", "erin@example.org", 1, 1).allowed
+    assert rl.consume("u", "erin@example.org", 1, 1).limit == 1
+    # Every key expires by itself (the override is an admin setting, kept until reset).
+    keys = keyspace.outbound_keys("u", carol)
+    ttls = [client.pttl(k) for k in keys.buckets.values() if client.exists(k)]
+    assert ttls and all(0 < t <= 3600 * 1000 for t in ttls), ttls
+    assert client.pttl(keyspace.outbound_keys("u", "erin@example.org").override) == -1
+    assert rl.reset("u", carol, counters=True) >= 1
+    assert rl.consume("u", carol, 1, 1).allowed
+
+
 def parse_port(url: str) -> int:
     return int(re.search(r":(\d+)/", url).group(1))  # type: ignore[union-attr]
 
