@@ -419,6 +419,52 @@ _EMAIL_TEXT_RE = re.compile(r"[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63})+")
 _WORD_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)?|[$€£¥!]|_url_|_email_")
 _HTML_IN_PLAIN_RE = re.compile(r"<(?:html|body|a\s+href|font|table)\b", re.I)
 _QUOTED_RE = re.compile(r"^\s*>", re.M)
+_SPACE_RE = re.compile(r"\s")
+_ASCII_LETTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_ASCII_UPPER = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _sub_in_runs(pattern: re.Pattern[str], repl: str, text: str, markers: tuple[str, ...]) -> str:
+    """``pattern.sub(repl, text)``, run only on the whitespace-free runs that hold a marker.
+
+    Exact when every match of ``pattern`` contains one of ``markers`` and no whitespace, and
+    the pattern looks at no character before its match other than through ``\\b`` (a run starts
+    after whitespace or at the start of the text: the same ``\\b`` either way). A scan of the
+    whole text costs ~0.3-0.6 ms per 10 KB even with nothing to replace; this reads only the
+    runs around the markers.
+    """
+    hits = [i for i in (text.find(m) for m in markers) if i >= 0]
+    if not hits:
+        return text
+    out: list[str] = []
+    pos = 0
+    n = len(text)
+    while hits:
+        at = min(hits)
+        start = at
+        while start > pos and not text[start - 1].isspace():
+            start -= 1
+        space = _SPACE_RE.search(text, at)
+        end = space.start() if space is not None else n
+        out.append(text[pos:start])
+        out.append(pattern.sub(repl, text[start:end]))
+        pos = end
+        hits = [i for i in (text.find(m, pos) for m in markers) if i >= 0]
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _count_letters(head: str) -> tuple[int, int]:
+    """(letters, upper case letters) of ``head``: ``str.isalpha`` / ``str.isupper`` counts."""
+    if head.isascii():
+        # For ASCII, isalpha is exactly [A-Za-z] and isupper exactly [A-Z]: counted in C.
+        raw = head.encode("ascii")
+        n = len(raw)
+        return n - len(raw.translate(None, _ASCII_LETTERS)), n - len(
+            raw.translate(None, _ASCII_UPPER)
+        )
+    # map() over a C method: the same counts as per-character generators, ~3x faster.
+    return sum(map(str.isalpha, head)), sum(map(str.isupper, head))
 _MONEY_RE = re.compile(r"[$€£]\s?\d")
 _ZERO_WIDTH_RE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
 _MIXED_SCRIPT_RE = re.compile(r"(?=\w*[a-zA-Z])(?=\w*[\u0400-\u04ff])\w+")
@@ -564,9 +610,7 @@ def _char_ngrams(words: Iterable[str], toks: list[str]) -> None:
 def _text_features(text: str, toks: list[str], budget: int) -> int:
     """Tokenise body text into words, character n-grams and shape signals; returns words used."""
     head = text[:20000]
-    # map() over a C method: the same counts as per-character generators, ~3x faster.
-    letters = sum(map(str.isalpha, head))
-    upper = sum(map(str.isupper, head))
+    letters, upper = _count_letters(head)
     toks.append(f"o:caps_ratio={_ratio_bucket(upper, letters)}")
     if _ZERO_WIDTH_RE.search(text):
         toks.append("o:zero_width")
@@ -587,10 +631,11 @@ def _text_features(text: str, toks: list[str], budget: int) -> int:
 
     low = text.lower()
     # The substitutions are guarded: a regex scan of text that cannot match still costs.
+    # Every match holds one of the markers and no whitespace: only the runs around them are read.
     if "://" in low or "www." in low:
-        low = _URL_TEXT_RE.sub(" _url_ ", low)
+        low = _sub_in_runs(_URL_TEXT_RE, " _url_ ", low, ("://", "www."))
     if "@" in low:
-        low = _EMAIL_TEXT_RE.sub(" _email_ ", low)
+        low = _sub_in_runs(_EMAIL_TEXT_RE, " _email_ ", low, ("@",))
     words = _WORD_RE.findall(low)
     if len(words) > budget:
         words = words[:budget]
