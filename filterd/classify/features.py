@@ -465,6 +465,8 @@ def _count_letters(head: str) -> tuple[int, int]:
         )
     # map() over a C method: the same counts as per-character generators, ~3x faster.
     return sum(map(str.isalpha, head)), sum(map(str.isupper, head))
+
+
 _MONEY_RE = re.compile(r"[$€£]\s?\d")
 _ZERO_WIDTH_RE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
 _MIXED_SCRIPT_RE = re.compile(r"(?=\w*[a-zA-Z])(?=\w*[\u0400-\u04ff])\w+")
