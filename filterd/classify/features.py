@@ -35,6 +35,7 @@ import re
 import sys
 from collections.abc import Iterable
 from email import policy as _policy
+from itertools import filterfalse
 from typing import Any
 
 # Why these features (recorded in every model card; figures in bench/classifier_bench.py output).
@@ -597,7 +598,7 @@ def _char_ngrams(words: Iterable[str], toks: list[str]) -> None:
     """
     cache = _GRAM_CACHE
     grams: set[str] = set()
-    for w in set(words):
+    for w in words if isinstance(words, set) else set(words):
         if len(w) < 2 or len(w) > 20 or w[0] == "_":
             continue
         g = cache.get(w)
@@ -641,19 +642,21 @@ def _text_features(text: str, toks: list[str], budget: int) -> int:
     words = _WORD_RE.findall(low)
     if len(words) > budget:
         words = words[:budget]
-    _char_ngrams(words, toks)
-    # Most words are short and alphabetic: they pass unchanged; the rest are mapped one by one.
-    mapped = [w if (len(w) <= 30 and w.isalpha()) else _map_word(w) for w in words]
+    distinct = set(words)
+    _char_ngrams(distinct, toks)
+    # Presence, not counts: each distinct word is mapped once. Most words are short and
+    # alphabetic: they pass unchanged; the rest are mapped one by one.
+    uniq = {w if (len(w) <= 30 and w.isalpha()) else _map_word(w) for w in distinct}
+    # Counted over every word (repetitions count); alphabetic words never do, and
+    # filterfalse drops them in C.
     alnum_mix = sum(
         1
-        for w in words
-        if not w.isalpha()
-        and len(w) <= 30
+        for w in filterfalse(str.isalpha, words)
+        if len(w) <= 30
         and not w.isdigit()
         and any(c.isdigit() for c in w)
         and any(c.isalpha() for c in w)
     )
-    uniq = set(mapped)
     toks.extend(["w:" + w for w in uniq])
     if isinstance(toks, Tokens):
         toks.body_words.update(uniq)
