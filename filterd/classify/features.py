@@ -35,6 +35,7 @@ import re
 import sys
 from collections.abc import Iterable
 from email import policy as _policy
+from itertools import filterfalse
 from typing import Any
 
 # Why these features (recorded in every model card; figures in bench/classifier_bench.py output).
@@ -419,6 +420,54 @@ _EMAIL_TEXT_RE = re.compile(r"[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63})+")
 _WORD_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)?|[$€£¥!]|_url_|_email_")
 _HTML_IN_PLAIN_RE = re.compile(r"<(?:html|body|a\s+href|font|table)\b", re.I)
 _QUOTED_RE = re.compile(r"^\s*>", re.M)
+_SPACE_RE = re.compile(r"\s")
+_ASCII_LETTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_ASCII_UPPER = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _sub_in_runs(pattern: re.Pattern[str], repl: str, text: str, markers: tuple[str, ...]) -> str:
+    """``pattern.sub(repl, text)``, run only on the whitespace-free runs that hold a marker.
+
+    Exact when every match of ``pattern`` contains one of ``markers`` and no whitespace, and
+    the pattern looks at no character before its match other than through ``\\b`` (a run starts
+    after whitespace or at the start of the text: the same ``\\b`` either way). A scan of the
+    whole text costs ~0.3-0.6 ms per 10 KB even with nothing to replace; this reads only the
+    runs around the markers.
+    """
+    hits = [i for i in (text.find(m) for m in markers) if i >= 0]
+    if not hits:
+        return text
+    out: list[str] = []
+    pos = 0
+    n = len(text)
+    while hits:
+        at = min(hits)
+        start = at
+        while start > pos and not text[start - 1].isspace():
+            start -= 1
+        space = _SPACE_RE.search(text, at)
+        end = space.start() if space is not None else n
+        out.append(text[pos:start])
+        out.append(pattern.sub(repl, text[start:end]))
+        pos = end
+        hits = [i for i in (text.find(m, pos) for m in markers) if i >= 0]
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _count_letters(head: str) -> tuple[int, int]:
+    """(letters, upper case letters) of ``head``: ``str.isalpha`` / ``str.isupper`` counts."""
+    if head.isascii():
+        # For ASCII, isalpha is exactly [A-Za-z] and isupper exactly [A-Z]: counted in C.
+        raw = head.encode("ascii")
+        n = len(raw)
+        return n - len(raw.translate(None, _ASCII_LETTERS)), n - len(
+            raw.translate(None, _ASCII_UPPER)
+        )
+    # map() over a C method: the same counts as per-character generators, ~3x faster.
+    return sum(map(str.isalpha, head)), sum(map(str.isupper, head))
+
+
 _MONEY_RE = re.compile(r"[$€£]\s?\d")
 _ZERO_WIDTH_RE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
 _MIXED_SCRIPT_RE = re.compile(r"(?=\w*[a-zA-Z])(?=\w*[\u0400-\u04ff])\w+")
@@ -549,7 +598,7 @@ def _char_ngrams(words: Iterable[str], toks: list[str]) -> None:
     """
     cache = _GRAM_CACHE
     grams: set[str] = set()
-    for w in set(words):
+    for w in words if isinstance(words, set) else set(words):
         if len(w) < 2 or len(w) > 20 or w[0] == "_":
             continue
         g = cache.get(w)
@@ -564,9 +613,7 @@ def _char_ngrams(words: Iterable[str], toks: list[str]) -> None:
 def _text_features(text: str, toks: list[str], budget: int) -> int:
     """Tokenise body text into words, character n-grams and shape signals; returns words used."""
     head = text[:20000]
-    # map() over a C method: the same counts as per-character generators, ~3x faster.
-    letters = sum(map(str.isalpha, head))
-    upper = sum(map(str.isupper, head))
+    letters, upper = _count_letters(head)
     toks.append(f"o:caps_ratio={_ratio_bucket(upper, letters)}")
     if _ZERO_WIDTH_RE.search(text):
         toks.append("o:zero_width")
@@ -587,26 +634,29 @@ def _text_features(text: str, toks: list[str], budget: int) -> int:
 
     low = text.lower()
     # The substitutions are guarded: a regex scan of text that cannot match still costs.
+    # Every match holds one of the markers and no whitespace: only the runs around them are read.
     if "://" in low or "www." in low:
-        low = _URL_TEXT_RE.sub(" _url_ ", low)
+        low = _sub_in_runs(_URL_TEXT_RE, " _url_ ", low, ("://", "www."))
     if "@" in low:
-        low = _EMAIL_TEXT_RE.sub(" _email_ ", low)
+        low = _sub_in_runs(_EMAIL_TEXT_RE, " _email_ ", low, ("@",))
     words = _WORD_RE.findall(low)
     if len(words) > budget:
         words = words[:budget]
-    _char_ngrams(words, toks)
-    # Most words are short and alphabetic: they pass unchanged; the rest are mapped one by one.
-    mapped = [w if (len(w) <= 30 and w.isalpha()) else _map_word(w) for w in words]
+    distinct = set(words)
+    _char_ngrams(distinct, toks)
+    # Presence, not counts: each distinct word is mapped once. Most words are short and
+    # alphabetic: they pass unchanged; the rest are mapped one by one.
+    uniq = {w if (len(w) <= 30 and w.isalpha()) else _map_word(w) for w in distinct}
+    # Counted over every word (repetitions count); alphabetic words never do, and
+    # filterfalse drops them in C.
     alnum_mix = sum(
         1
-        for w in words
-        if not w.isalpha()
-        and len(w) <= 30
+        for w in filterfalse(str.isalpha, words)
+        if len(w) <= 30
         and not w.isdigit()
         and any(c.isdigit() for c in w)
         and any(c.isalpha() for c in w)
     )
-    uniq = set(mapped)
     toks.extend(["w:" + w for w in uniq])
     if isinstance(toks, Tokens):
         toks.body_words.update(uniq)
