@@ -28,9 +28,6 @@ from filterd.types import Decision, Effect, Envelope, Finding, Message, Recipien
 
 log = logging.getLogger("filterd.pipeline")
 
-# Seconds the pipeline thread yields after handing the I/O checks to the pool.
-_IO_HEAD_START = 0.0005
-
 
 def _failure(check: Check, reason: str) -> Finding:
     """Evidence that a check could not do its work; the policy words the reply."""
@@ -128,10 +125,6 @@ class Pipeline:
             for check in checks
             if check not in inline
         }
-        if inline and futures:
-            # Let the I/O checks reach their first wait (clamd, DNS) before this thread
-            # takes the GIL for the CPU-bound ones: their round trips then overlap it.
-            time.sleep(_IO_HEAD_START)
         results: dict[str, list[Finding]] = {}
 
         def record(check: Check, outcome: tuple[Sequence[Finding], float] | Exception) -> bool:
