@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ import redis
 
 from filterd.outbound.config import Config
 from filterd.outbound.ratelimit import limiter_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.servers, run as a script
 from tests.servers import RedisServer, make_reachable
 
 

@@ -40,7 +40,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.servers import (
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+# These need the project root on the path (run as a script).
+from tests.helpers_daemon import DaemonProcess  # noqa: E402
+from tests.servers import (  # noqa: E402
     ClamdServer,
     PostfixServer,
     RbldnsdServer,
@@ -51,10 +55,6 @@ from tests.servers import (
     send_mail,
     write_config,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from tests.helpers_daemon import DaemonProcess  # noqa: E402 - needs the project root on the path
 
 ZONE = "zen.soak.test"
 LISTED_IP = "192.0.2.10"
