@@ -658,6 +658,19 @@ def _lines_of(path: Path, text: str) -> list[str]:
     return [line for line in path.read_text().splitlines() if text in line]
 
 
+def _private_redis(base: Path) -> list[int]:
+    """PIDs of redis-servers serving a socket under ``base`` (the daemon's private one)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if "redis-server" in cmd and str(base) in cmd:
+            found.append(int(proc.name))
+    return found
+
+
 def test_workers_leave_when_the_supervisor_is_killed(
     tmp_path: Path, clamd_server: ClamdServer
 ) -> None:
@@ -671,6 +684,8 @@ def test_workers_leave_when_the_supervisor_is_killed(
         daemon.proc.wait()
         # No orphan keeps serving an unlinked socket (PR_SET_PDEATHSIG): they drain and go.
         wait_for(lambda: not [p for p in pids if Path(f"/proc/{p}").exists()], 10, "workers")
+        # Nor does its private Redis stay on the AOF for the next start to run a second one on.
+        wait_for(lambda: not _private_redis(base), 10, "the private redis to stop")
         stale = list(daemon.socket_path.parent.glob(".milter.sock.*"))
         assert stale  # the killed supervisor's private name
         # The next start takes the socket over and removes what the killed one left.

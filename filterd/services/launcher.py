@@ -262,6 +262,10 @@ class _ChildServer(_Stoppable):
     """
 
     name = "server"
+    #: The daemon's private servers die with the process that started them (a SIGKILLed
+    #: supervisor must not leave a Redis on its AOF for the next start to run a second one
+    #: on). Off for tests, whose servers may be started from short-lived threads.
+    die_with_parent = False
 
     def __init__(self, workdir: Path, start_timeout: float) -> None:
         self.workdir = Path(workdir).absolute()
@@ -383,6 +387,7 @@ class _ChildServer(_Stoppable):
                     # Own session: a Ctrl-C in the terminal reaches pytest, which then stops
                     # servers in order, instead of killing them under a running test.
                     start_new_session=True,
+                    preexec_fn=_die_with_parent if self.die_with_parent else None,
                 )
             except OSError as exc:
                 raise ServerStartError(f"{self.name}: cannot run {cmd[0]}: {exc}") from exc
@@ -441,3 +446,11 @@ class _PortOrSocketServer(_ChildServer):
     def _after_stop(self) -> None:
         if self.socket_path is not None:
             self.socket_path.unlink(missing_ok=True)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG

@@ -34,9 +34,11 @@ def private_services(settings: Settings) -> Iterator[dict[str, str]]:
     with contextlib.ExitStack() as stack:
         if not settings.redis.url:
             private_state_dir(settings).mkdir(parents=True, exist_ok=True)
-            redis_server = stack.enter_context(
-                RedisServer(private_state_dir(settings), persistent=True, unix_socket=True)
+            redis_server = RedisServer(
+                private_state_dir(settings), persistent=True, unix_socket=True
             )
+            redis_server.die_with_parent = True
+            stack.enter_context(redis_server)
             overrides["FILTERD_REDIS_URL"] = redis_server.url
             log.info("started private redis", extra={"url": redis_server.url})
         needs_clamd = "antivirus" in settings.pipeline.message_checks
@@ -48,7 +50,9 @@ def private_services(settings: Settings) -> Iterator[dict[str, str]]:
             )
             workdir = private_clamd.private_state_dir(settings)
             workdir.mkdir(parents=True, exist_ok=True)
-            clamd = stack.enter_context(ClamdServer(workdir, db, unix_socket=True))
+            clamd = ClamdServer(workdir, db, unix_socket=True)
+            clamd.die_with_parent = True
+            stack.enter_context(clamd)
             overrides["FILTERD_ANTIVIRUS_ADDRESS"] = clamd.address
             log.info("started private clamd", extra={"address": clamd.address, "db": str(db)})
         yield overrides
