@@ -16,7 +16,7 @@ from redis.crc import key_slot
 from filterd.keyspace import outbound_keys
 from filterd.outbound.config import LIMIT_NAMES
 from filterd.outbound.ratelimit import RateLimiter
-from tests.outbound_servers import RedisCluster3
+from tests.redis_topology import RedisClusterGroup
 from tests.servers import make_reachable
 
 pytestmark = pytest.mark.integration
@@ -151,8 +151,11 @@ def test_limits_cli_set_show_reset(redis_url: str) -> None:
 def test_the_script_runs_on_redis_cluster(tmp_path: Path) -> None:
     """All keys of one decision share a hash tag, so Cluster accepts the script; logins land
     on different slots and still work."""
-    with RedisCluster3(make_reachable(tmp_path)) as cluster:
-        client = cluster.client()
+    from filterd.clients.redis import connect
+    from filterd.settings import load_settings
+
+    with RedisClusterGroup(make_reachable(tmp_path)) as cluster:
+        client = connect(load_settings(env={}), cluster.url)
         try:
             rl = RateLimiter(client, {**NO_LIMITS, "messages_per_hour": 2})
             for login in ("alice@example.org", "bob@example.net", "carol@example.com"):
