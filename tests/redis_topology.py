@@ -25,11 +25,11 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import redis
 
+from filterd.services.launcher import _Stoppable
 from tests.servers import LOOPBACK, RedisServer, ServerStartError, free_port
 
 POLL_S = 0.05
@@ -119,7 +119,7 @@ class SentinelServer(RedisServer):
         return host, int(port)
 
 
-class SentinelGroup:
+class SentinelGroup(_Stoppable):
     """A master, ``replicas`` replicas and ``sentinels`` sentinels, all on loopback.
 
     ``url`` is the ``redis+sentinel://`` URL filterd is configured with.
@@ -246,17 +246,6 @@ class SentinelGroup:
             with contextlib.suppress(Exception):
                 server.stop()
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 class ClusterNodeServer(RedisServer):
     """One cluster-enabled node with an explicit bus port."""
@@ -286,7 +275,7 @@ class ClusterNodeServer(RedisServer):
         return super()._rebind()
 
 
-class RedisClusterGroup:
+class RedisClusterGroup(_Stoppable):
     """``masters`` cluster primaries (no replicas), slots assigned by ``redis-cli --cluster``."""
 
     def __init__(self, workdir: Path, masters: int = 3, start_timeout: float = 30.0) -> None:
@@ -343,17 +332,6 @@ class RedisClusterGroup:
         for node in reversed(self.nodes):
             with contextlib.suppress(Exception):
                 node.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 __all__: Sequence[str] = [

@@ -227,8 +227,24 @@ _RUNNING_LOCK = threading.Lock()
 
 
 class _Stoppable:
+    """A server (or group of servers) with ``start``/``stop``, usable in a ``with`` block."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
     def stop(self) -> None:
         raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 def _track(server: _Stoppable) -> None:
@@ -356,17 +372,6 @@ class _ChildServer(_Stoppable):
 
     def _after_stop(self) -> None:
         """Clean-up after the process is gone (e.g. stale sockets)."""
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- internals --------------------------------------------------------------------------
     def _spawn_and_wait(self) -> None:

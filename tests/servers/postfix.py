@@ -13,7 +13,6 @@ import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 from filterd.services.launcher import (
@@ -407,14 +406,3 @@ class PostfixServer(_Stoppable):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"postfix did not log its reload\n{self.log_tail()}")
             time.sleep(_POLL_S)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
