@@ -318,14 +318,10 @@ def _breakers(runtime: Runtime) -> Iterator[tuple[str, str, bool]]:
     for name, check in runtime.pipeline.checks.items():
         engine = getattr(check, "engine", None)
         resolver = getattr(engine, "resolver", None)
-        breaker = getattr(resolver, "_breaker", None)
-        if engine is None or breaker is None:
+        if engine is None or resolver is None:
             continue
-        open_until: dict[str, float] = getattr(breaker, "_open_until", {})
-        clock: Callable[[], float] = getattr(breaker, "_clock", time.monotonic)
-        for item in getattr(engine, "lists", []):
-            until = open_until.get(item.zone)
-            yield name, item.zone, until is not None and clock() < until
+        for item in engine.lists:
+            yield name, item.zone, resolver.breaker_open(item.zone)
 
 
 class Monitor:
@@ -380,10 +376,9 @@ class Monitor:
                 m.model_info.labels(Monitor._model).set(0)
             Monitor._model = name
             m.model_info.labels(name).set(1)
-            th = classifier.served(model.thresholds)
-            reject, tag = th.reject, th.tag
-            m.threshold.labels("reject").set(reject)
-            m.threshold.labels("tag").set(tag)
+            served = runtime.served_thresholds()
+            m.threshold.labels("reject").set(served["spam_reject_probability"])
+            m.threshold.labels("tag").set(served["spam_tag_probability"])
 
 
 # --------------------------------------------------------------------------------------------

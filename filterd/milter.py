@@ -20,7 +20,6 @@ from typing import Any, TypeVar
 import Milter
 
 from filterd.runtime import Runtime
-from filterd.scan import thresholds as served_thresholds
 from filterd.transaction import Transaction
 from filterd.types import Action, Decision, Envelope, SmtpReply
 
@@ -265,7 +264,7 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
                 "action": decision.action.value,
                 "code": decision.reason_code,
                 "spam_probability": decision.spam_score,
-                "thresholds": served_thresholds(self.runtime),
+                "thresholds": self.runtime.served_thresholds(),
                 "size": message.size,
                 "ms": round((time.monotonic() - start) * 1000, 1),
                 # Per check, wall time (concurrent checks include waiting for the GIL).

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from filterd.checks.base import Services
 from filterd.clients.redis import RedisClient, connect
@@ -118,6 +118,21 @@ class Runtime:
             self.services.resolver.close()
         if self.services.redis is not None:
             self.services.redis.close()
+
+    def served_thresholds(self) -> dict[str, float]:
+        """What this runtime serves: [policy] scores and the classifier's probabilities.
+
+        One answer for the daemon's log, `filterd scan` and the metrics; the classifier's
+        come from ``classify.thresholds.served`` (card, or a [classifier] override).
+        """
+        policy = self.settings.policy
+        served = {"reject_score": policy.reject_score, "tag_score": policy.tag_score}
+        classifier: Any = self.pipeline.checks.get("classifier")
+        model = classifier.holder.current() if classifier is not None else None
+        if model is not None:
+            th = classifier.served(model.thresholds)
+            served.update(spam_reject_probability=th.reject, spam_tag_probability=th.tag)
+        return served
 
     def notify_recipient(self, envelope: Envelope, decision: RecipientDecision) -> None:
         for observer in self.observers:

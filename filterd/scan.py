@@ -32,7 +32,7 @@ def scan_bytes(runtime: Runtime, raw: bytes, envelope: Envelope) -> dict[str, An
             "spam_score": None,
             "reasons": [f.as_reason() for d in refused for f in d.findings],
             "recipients": at_rcpt,
-            "thresholds": thresholds(runtime),
+            "thresholds": runtime.served_thresholds(),
         }
     verdict = tx.judge(tx.message_from_bytes(raw))
     at_data = [
@@ -47,7 +47,7 @@ def scan_bytes(runtime: Runtime, raw: bytes, envelope: Envelope) -> dict[str, An
         "reasons": verdict.reasons,
         "headers": [f"{k}: {v}" for k, v in verdict.add_headers],
         "recipients": at_data + at_rcpt,
-        "thresholds": thresholds(runtime),
+        "thresholds": runtime.served_thresholds(),
         "timings_ms": {k: round(v * 1000, 2) for k, v in verdict.timings.items()},
     }
 
@@ -63,19 +63,6 @@ def _recipient(
         "code": code,
         "stage": stage,
     }
-
-
-def thresholds(runtime: Runtime) -> dict[str, float]:
-    """The thresholds served: [policy] scores and the classifier's probabilities."""
-    policy = runtime.settings.policy
-    served: dict[str, float] = {"reject_score": policy.reject_score, "tag_score": policy.tag_score}
-    classifier: Any = runtime.pipeline.checks.get("classifier")
-    model = classifier.holder.current() if classifier is not None else None
-    if model is not None:
-        th = classifier.served(model.thresholds)
-        reject, tag = th.reject, th.tag
-        served.update(spam_reject_probability=reject, spam_tag_probability=tag)
-    return served
 
 
 def _reply(reply: object) -> str | None:

@@ -166,6 +166,12 @@ class _Breaker:
                 return False
             return True
 
+    def opened(self, zone: str) -> bool:
+        """Whether ``zone`` is out now (for monitoring; unlike ``is_open``, changes nothing)."""
+        with self._lock:
+            until = self._open_until.get(zone)
+            return until is not None and self._clock() < until
+
     def record(self, zone: str, ok: bool) -> bool:
         """Record an outcome; True when this failure just opened the breaker."""
         with self._lock:
@@ -224,6 +230,10 @@ class DnsblResolver:
         self._closed = False
 
     # -- public API -------------------------------------------------------
+
+    def breaker_open(self, zone: str) -> bool:
+        """Whether the circuit breaker has ``zone`` out now (metrics); changes nothing."""
+        return self._breaker.opened(zone)
 
     def lookup_many(self, queries: Iterable[tuple[str, str]], budget: float) -> dict[str, Answer]:
         """Look up ``(zone, qname)`` pairs concurrently within ``budget`` seconds.
