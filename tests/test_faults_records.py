@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from filterd.records import keys
+from filterd import keyspace as keys
 from filterd.records.config import Config
 from filterd.records.observer import BackgroundObserver, build_daemon_observer
 from filterd.records.schema import DEFAULT_SCHEMA

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from filterd.records import keys
+from filterd import keyspace as keys
 from filterd.records.query import audit_keys, daily_stats, erase_mailbox, export_mailbox
 from filterd.records.schema import DEFAULT_SCHEMA, load_schema
 from tests.helpers_daemon import DaemonProcess, write_config

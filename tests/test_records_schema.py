@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from filterd.records import keys
+from filterd import keyspace as keys
 from filterd.records.config import Config
 from filterd.records.schema import (
     DEFAULT_SCHEMA,

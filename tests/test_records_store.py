@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import redis
 
+from filterd import keyspace as keys
 from filterd.allowlist.config import Config as AllowConfig
 from filterd.allowlist.entries import parse_target
 from filterd.allowlist.store import AllowlistStore
-from filterd.records import keys
 from filterd.records.config import Config
 from filterd.records.observer import RecordsObserver, build_observer
 from filterd.records.pseudonym import Pseudonymizer

@@ -206,9 +206,7 @@ def test_escaping_keeps_accounts_apart() -> None:
 
 def test_old_names_still_import() -> None:
     from filterd.allowlist import store
-    from filterd.records import keys
 
-    assert keys.log_key("x") == keyspace.log_key("x")
     assert store.mailbox_key("a@b") == keyspace.allow_mailbox_key("a@b")
     assert store.KEYSPACE is keyspace.ALLOW_KEYSPACE
 

@@ -208,7 +208,7 @@ def find_entries(
     client: Any, ident: str, searchable: list[str], declared: list[str]
 ) -> list[dict[str, Any]]:
     """Scan the smtp-log entries (SCAN, never KEYS) for a queue id or Message-ID."""
-    from filterd.records import keys
+    from filterd import keyspace as keys
 
     wanted = ident.strip()
     bare = wanted.strip("<>")
