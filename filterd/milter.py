@@ -119,12 +119,10 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
         self.holder = holder
         self.runtime = holder.acquire()
         # Connection-level facts (client, HELO); MAIL FROM starts a Transaction with them.
+        # The Transaction of an authenticated submission drops the client; this copy keeps
+        # it, used only to strip it from outbound headers.
         self.envelope = Envelope()
         self.tx: Transaction | None = None
-        # The connecting client as Postfix told us; kept out of the Envelope of
-        # authenticated submissions, used only to strip it from outbound headers.
-        self.client_ip: str | None = None
-        self.client_name: str | None = None
 
     # -- replies -----------------------------------------------------------
     def _reply(self, reply: SmtpReply) -> None:
@@ -149,7 +147,6 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
                 ip = str(ipaddress.ip_address(str(hostaddr[0]).split("%")[0]))
             except ValueError:
                 ip = None
-        self.client_ip, self.client_name = ip, hostname or None
         self.envelope = Envelope(
             client_ip=ip,
             client_name=hostname or None,
@@ -170,8 +167,6 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
         auth = self.getsymval("{auth_authen}")
         envelope = replace(
             self.envelope,
-            client_ip=self.client_ip,
-            client_name=self.client_name,
             mail_from=_clean_addr(mailfrom),
             auth_user=auth or None,
         )
@@ -249,7 +244,7 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
         if decision.action is Action.ACCEPT:
             outbound = self.runtime.outbound
             for name, index in outbound.headers_to_remove(
-                message, self.client_ip, self.client_name
+                message, self.envelope.client_ip, self.envelope.client_name
             ):
                 self.chgheader(name, index, None)
         records_start = time.monotonic()
