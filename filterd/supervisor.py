@@ -642,12 +642,19 @@ class Supervisor:
     # -- stop -------------------------------------------------------------------------------
     def _drain(self, seconds: float) -> int:
         sd_notify("STOPPING=1")
-        log.info("stopping: refusing new connections, draining in-flight messages")
+        log.info("stopping: workers let go of the listener, then drain in-flight messages")
         self.due.clear()
         for child in list(self.children.values()):
             self._kill(child.pid, signal.SIGTERM)
         released = self._wait_released(2.0)
         self.listener.refuse_new(shutdown=released)
+        # Logged only once it is true: until every worker has let go, a connection can
+        # still be accepted (and served in full), so the line is what an admin -- and
+        # the drain tests -- may rely on.
+        if released:
+            log.info("refusing new connections; draining in-flight messages")
+        else:
+            log.info("draining; new connections refused once the workers' polls end")
         self._stop_children(seconds, signalled=True)
         log.info("stopped")
         return 0

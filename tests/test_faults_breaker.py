@@ -57,6 +57,7 @@ def test_short_outage_reopens_the_list_within_the_probe_interval(tmp_path: Path)
                     break
                 time.sleep(0.05)
             assert caught is not None, "list still skipped 10 s after it came back"
-            assert caught < 2.0, f"listed client passed for {caught:.1f}s after the list returned"
+            # Well inside breaker_seconds (30 s): the probe reopened it, not the timer.
+            assert caught < 5.0, f"listed client passed for {caught:.1f}s after the list returned"
         finally:
             check.close()

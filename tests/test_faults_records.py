@@ -113,8 +113,9 @@ def test_hung_redis_never_delays_the_callbacks_and_every_loss_is_counted(
                     )
                     observer.on_message(_message(n), Decision(Action.ACCEPT, None, "OK"))
                     slowest = max(slowest, time.monotonic() - start)
-            # The SMTP path never waited for the hung Redis.
-            assert slowest < 0.05, f"a callback took {slowest:.3f}s with Redis hung"
+            # The SMTP path never waited for the hung Redis: a blocking write would have
+            # cost the 1 s socket timeout; the bound leaves room for a loaded CI box.
+            assert slowest < 0.5, f"a callback took {slowest:.3f}s with Redis hung"
             assert observer.dropped > 0
             assert any("records queue full" in r.getMessage() for r in caplog.records)
         finally:
