@@ -154,11 +154,11 @@ def check_checks(settings: Settings) -> list[Line]:
 
     if not settings.section("antivirus").address:
         # The daemon would start a private clamd there; building contacts nothing.
-        from filterd.services.clamd import private_clamd_socket
+        from filterd.services import addresses
 
-        address = f"unix:{private_clamd_socket(settings)}"
+        address = addresses.clamd_unix_address(addresses.clamd_socket(settings))
         settings = load_settings(
-            settings.source, {**os.environ, "FILTERD_ANTIVIRUS_ADDRESS": address}
+            settings.source, {**os.environ, **addresses.overrides(antivirus_address=address)}
         )
     services = Services(settings=settings, redis=None)
     names = dict.fromkeys(settings.pipeline.recipient_checks + settings.pipeline.message_checks)

@@ -13,20 +13,27 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from filterd.services.clamd import private_clamd_socket
-from filterd.services.redis import private_socket
+from filterd.services import addresses
 from filterd.settings import Settings, load_settings
 
 
 def private_overrides(settings: Settings) -> dict[str, str]:
     """FILTERD_* overrides pointing at the running daemon's private services, if any."""
-    env: dict[str, str] = {}
-    if not settings.redis.url and private_socket(settings).exists():
-        env["FILTERD_REDIS_URL"] = f"unix://{private_socket(settings)}?db=0"
-    clamav: Any = settings.sections.get("antivirus")
-    if clamav is not None and not clamav.address and private_clamd_socket(settings).exists():
-        env["FILTERD_ANTIVIRUS_ADDRESS"] = f"unix:{private_clamd_socket(settings)}"
-    return env
+    redis_sock = addresses.redis_socket(settings)
+    clamd_sock = addresses.clamd_socket(settings)
+    antivirus: Any = settings.sections.get("antivirus")
+    return addresses.overrides(
+        redis_url=(
+            addresses.redis_unix_url(redis_sock)
+            if not settings.redis.url and redis_sock.exists()
+            else None
+        ),
+        antivirus_address=(
+            addresses.clamd_unix_address(clamd_sock)
+            if antivirus is not None and not antivirus.address and clamd_sock.exists()
+            else None
+        ),
+    )
 
 
 def load_like_daemon(config_path: Path | None, env: Mapping[str, str] | None = None) -> Settings:

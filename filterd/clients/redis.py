@@ -49,7 +49,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from filterd.errors import DependencyError
-from filterd.services.redis import private_socket, private_state_dir
+from filterd.services import addresses
 from filterd.settings import Settings
 
 #: What :func:`connect` returns. Both speak the same command API; code that needs to
@@ -278,13 +278,13 @@ def connect_for_tools(settings: Settings, url: str | None = None) -> RedisClient
     running daemon's private instance."""
     url = url or settings.redis.url
     if not url:
-        sock = private_socket(settings)
+        sock = addresses.redis_socket(settings)
         if not sock.exists():
             raise RedisNotConfigured(
                 "no Redis configured: set [redis] url (FILTERD_REDIS_URL) or --redis-url, "
                 f"or run `filterd serve` with its private Redis ({sock} does not exist)"
             )
-        url = f"unix://{sock}?db=0"
+        url = addresses.redis_unix_url(sock)
     try:
         return connect(settings, url)
     except RedisUrlError as exc:
@@ -382,7 +382,5 @@ __all__ = [
     "is_cluster",
     "parse_url",
     "pipeline",
-    "private_socket",
-    "private_state_dir",
     "redacted_url",
 ]

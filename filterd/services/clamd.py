@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 from typing import Self
 
+from filterd.services.addresses import CLAMD_SOCKET, clamd_unix_address
 from filterd.services.launcher import (
     LOOPBACK,
     ServerStartError,
@@ -15,7 +16,6 @@ from filterd.services.launcher import (
     _PortOrSocketServer,
     free_port,
 )
-from filterd.settings import Settings
 
 
 def project_signature_dir() -> Path:
@@ -28,19 +28,6 @@ def project_signature_dir() -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"{path} not found (running from an installed package?)")
     return path
-
-
-SOCKET_NAME = "clamd.sock"
-
-
-def private_state_dir(settings: Settings) -> Path:
-    """Where `filterd serve` keeps its private clamd when no [antivirus] address is set."""
-    return settings.resolve_path(settings.daemon.state_dir) / "clamd"
-
-
-def private_clamd_socket(settings: Settings) -> Path:
-    """The private clamd's socket: `filterd scan` and `filterd check` find it through it."""
-    return private_state_dir(settings) / SOCKET_NAME
 
 
 class ClamdServer(_PortOrSocketServer):
@@ -71,7 +58,7 @@ class ClamdServer(_PortOrSocketServer):
         # clamd only honours User when started as root; as root the tests keep root so clamd
         # can read any database/temp directory it is given.
         self.user = user if user is not None else ("root" if _as_root() else None)
-        self.socket_path: Path | None = self.workdir / SOCKET_NAME if unix_socket else None
+        self.socket_path: Path | None = self.workdir / CLAMD_SOCKET if unix_socket else None
         self._port = 0 if unix_socket else free_port()
         self.config_path = self.workdir / "clamd.conf"
         self._logfile = self.workdir / "clamd.log"
@@ -81,7 +68,7 @@ class ClamdServer(_PortOrSocketServer):
     def address(self) -> str:
         """Address in clamav-milter ``ClamdSocket`` syntax: ``tcp:127.0.0.1:P`` or ``unix:/p``."""
         if self.socket_path is not None:
-            return f"unix:{self.socket_path}"
+            return clamd_unix_address(self.socket_path)
         return f"tcp:{LOOPBACK}:{self._port}"
 
     def restart(self) -> Self:

@@ -7,9 +7,9 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from filterd.services import clamd as private_clamd
+from filterd.services import addresses
 from filterd.services.clamd import ClamdServer
-from filterd.services.redis import RedisServer, private_state_dir
+from filterd.services.redis import RedisServer
 from filterd.settings import Settings
 
 log = logging.getLogger("filterd.daemon")
@@ -33,13 +33,12 @@ def private_services(settings: Settings) -> Iterator[dict[str, str]]:
     overrides: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         if not settings.redis.url:
-            private_state_dir(settings).mkdir(parents=True, exist_ok=True)
-            redis_server = RedisServer(
-                private_state_dir(settings), persistent=True, unix_socket=True
-            )
+            workdir = addresses.state_dir(settings, "redis")
+            workdir.mkdir(parents=True, exist_ok=True)
+            redis_server = RedisServer(workdir, persistent=True, unix_socket=True)
             redis_server.die_with_parent = True
             stack.enter_context(redis_server)
-            overrides["FILTERD_REDIS_URL"] = redis_server.url
+            overrides.update(addresses.overrides(redis_url=redis_server.url))
             log.info("started private redis", extra={"url": redis_server.url})
         needs_clamd = "antivirus" in settings.pipeline.message_checks
         if needs_clamd and not settings.section("antivirus").address:
@@ -48,11 +47,11 @@ def private_services(settings: Settings) -> Iterator[dict[str, str]]:
                 if _has_signatures(SYSTEM_CLAMAV_DB)
                 else settings.resolve_path("rules/clamav-sigs")
             )
-            workdir = private_clamd.private_state_dir(settings)
+            workdir = addresses.state_dir(settings, "clamd")
             workdir.mkdir(parents=True, exist_ok=True)
             clamd = ClamdServer(workdir, db, unix_socket=True)
             clamd.die_with_parent = True
             stack.enter_context(clamd)
-            overrides["FILTERD_ANTIVIRUS_ADDRESS"] = clamd.address
+            overrides.update(addresses.overrides(antivirus_address=clamd.address))
             log.info("started private clamd", extra={"address": clamd.address, "db": str(db)})
         yield overrides

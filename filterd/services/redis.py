@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+from filterd.services.addresses import REDIS_SOCKET, redis_unix_url
 from filterd.services.launcher import (
     LOOPBACK,
     _check_unix_path,
@@ -13,20 +14,6 @@ from filterd.services.launcher import (
     _read_line,
     free_port,
 )
-from filterd.settings import Settings
-
-# RedisServer(unix_socket=True) listens on <workdir>/redis.sock.
-SOCKET_NAME = "redis.sock"
-
-
-def private_state_dir(settings: Settings) -> Path:
-    """Where `filterd serve` keeps its private Redis when no URL is configured."""
-    return settings.resolve_path(settings.daemon.state_dir) / "redis"
-
-
-def private_socket(settings: Settings) -> Path:
-    """The private Redis's socket: admin commands find the daemon's data through it."""
-    return private_state_dir(settings) / SOCKET_NAME
 
 
 class RedisServer(_PortOrSocketServer):
@@ -47,7 +34,7 @@ class RedisServer(_PortOrSocketServer):
     ) -> None:
         super().__init__(workdir, start_timeout)
         self.persistent = persistent
-        self.socket_path: Path | None = self.workdir / SOCKET_NAME if unix_socket else None
+        self.socket_path: Path | None = self.workdir / REDIS_SOCKET if unix_socket else None
         self._port = 0 if unix_socket else free_port()
         self._logfile = self.workdir / "redis.log"
 
@@ -55,7 +42,7 @@ class RedisServer(_PortOrSocketServer):
     def url(self) -> str:
         """URL for ``redis.Redis.from_url``: database 0 of this instance."""
         if self.socket_path is not None:
-            return f"unix://{self.socket_path}?db=0"
+            return redis_unix_url(self.socket_path)
         return f"redis://{LOOPBACK}:{self._port}/0"
 
     def _prepare(self) -> None:
