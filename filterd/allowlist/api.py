@@ -90,7 +90,16 @@ def make_token(
 def check_token(
     secret: bytes, key: str, token: str, generation: int, now: float | None = None
 ) -> str | None:
-    """None when ``token`` opens list ``key``; else why not: forbidden | expired | revoked."""
+    """None when ``token`` opens list ``key``; else why not: forbidden | expired | revoked.
+
+    A first-release token (a bare HMAC of the key, no expiry) of this very list is
+    "expired", not "forbidden": the panel then knows to fetch a new one after the
+    upgrade instead of reporting a wrong secret.
+    """
+    if "." not in token:
+        legacy = hmac.new(secret, key.encode("utf-8"), hashlib.sha256).hexdigest()
+        same = hmac.compare_digest(token.encode("utf-8", "replace"), legacy.encode("ascii"))
+        return "expired" if same else "forbidden"
     expires_text, _, rest = token.partition(".")
     gen_text, _, mac = rest.partition(".")
     if not (expires_text.isascii() and expires_text.isdigit()):
