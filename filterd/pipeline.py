@@ -198,7 +198,19 @@ class Pipeline:
         for _check, handle, _begin in started:  # cut short by a refusal
             handle.close()
         try:
-            if not refused:
+            if not refused and len(futures) == 1:
+                # One check in the pool (a RCPT check): wait on it alone, without the
+                # waiter objects as_completed builds (~5% of a RCPT's CPU, profiled).
+                future, check = next(iter(futures.items()))
+                try:
+                    outcome = future.result(timeout=max(0.0, deadline - time.monotonic()))
+                except Exception as exc:  # noqa: BLE001
+                    if not future.done():  # out of time (not a TimeoutError of the check's)
+                        raise FutureTimeout from None
+                    outcome = exc
+                del futures[future]
+                refused = record(check, outcome)
+            elif not refused:
                 for future in as_completed(futures, timeout=max(0.0, deadline - time.monotonic())):
                     check = futures.pop(future)
                     try:

@@ -4,6 +4,7 @@ after (or waits in the pool when it cannot start without blocking)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,3 +163,30 @@ def test_inline_off_runs_everything_in_the_pool(tmp_path: Path) -> None:
     finally:
         p.close()
     assert [f.code for f in d.findings] == ["DNS_POOLED"] and dns.handles == []
+
+
+def test_one_pooled_check_raising_timeouterror_is_its_failure_not_the_budget(
+    tmp_path: Path,
+) -> None:
+    redis = FakeCheck("redis", error=TimeoutError("Timeout reading from socket"))
+    p = make(tmp_path, [redis], [], budget=5.0)
+    try:
+        start = time.monotonic()
+        findings = p.recipient_findings(ENV, "u@example.org")
+        assert time.monotonic() - start < 2.0
+    finally:
+        p.close()
+    assert [f.code for f in findings] == ["REDIS_FAIL"]
+    assert "Timeout reading from socket" in findings[0].detail
+
+
+def test_one_pooled_slow_check_times_out_at_the_budget(tmp_path: Path) -> None:
+    slow = FakeCheck("slow", delay=3.0)
+    p = make(tmp_path, [slow], [], budget=0.3)
+    try:
+        start = time.monotonic()
+        findings = p.recipient_findings(ENV, "u@example.org")
+        assert time.monotonic() - start < 1.5
+    finally:
+        p.close()
+    assert [(f.code, f.detail) for f in findings] == [("SLOW_FAIL", "timed out")]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
-import secrets
+import os
 import select
 import socket
 import struct
@@ -273,6 +273,7 @@ class DnsblResolver:
         lookups sent ahead of a client's next command, which may never come.
         """
         lookups = Lookups(self)
+        ids = _QueryIds()
         for zone, qname in queries:
             qname = qname.rstrip(".").lower()
             if lookups.has(qname):
@@ -303,7 +304,7 @@ class DnsblResolver:
                     lookups.waiting[qname] = shared
                     continue
                 self._stats["cache_misses"] += 1
-                query = _Query(zone, qname, name)
+                query = _Query(zone, qname, name, ids.next())
                 if share:
                     self._inflight[qname] = query.future
             lookups.add(query)
@@ -421,11 +422,11 @@ class _Query:
         "zone",
     )  # fmt: skip
 
-    def __init__(self, zone: str, qname: str, name: dns.name.Name) -> None:
+    def __init__(self, zone: str, qname: str, name: dns.name.Name, query_id: int) -> None:
         self.zone = zone
         self.qname = qname
         self.name = name
-        self.id = secrets.randbits(16)
+        self.id = query_id
         self.wire = _query_wire(self.id, name)
         self.future: Future[Answer] = Future()
         self.sock: socket.socket | None = None
@@ -648,6 +649,19 @@ class Lookups:
         for query in self._active + self._queued:
             self.resolver._abandon(query, Answer(query.qname, "error", error="abandoned"))
         self._active, self._queued, self.waiting = [], [], {}
+
+
+class _QueryIds:
+    """Unpredictable 16-bit query ids (with the kernel's random source port, what keeps
+    off-path forgers from answering for the list), one ``os.urandom`` per call's worth."""
+
+    def __init__(self) -> None:
+        self._ids: list[int] = []
+
+    def next(self) -> int:
+        if not self._ids:
+            self._ids = list(struct.unpack("!32H", os.urandom(64)))
+        return self._ids.pop()
 
 
 def _query_wire(query_id: int, name: dns.name.Name) -> bytes:
