@@ -167,3 +167,14 @@ def test_hand_written_query_is_the_packet_dnspython_would_send(qname: str) -> No
     reference = dns.message.make_query(name, dns.rdatatype.A)
     reference.id = 0xBEEF
     assert _query_wire(0xBEEF, name) == reference.to_wire()
+
+
+def test_more_queries_than_max_parallel_wait_their_turn(rbl: RbldnsdServer) -> None:
+    resolver = DnsblResolver([("127.0.0.1", rbl.port)], max_parallel=1, cache_max_ttl=0)
+    try:
+        names = [LISTED, "10.2.0.192.zen.test", "nothing.dbl.test"]
+        answers = resolver.lookup_many([("zen.test", n) for n in names], 3.0)
+        assert [answers[n].status for n in names] == ["found", "found", "nxdomain"]
+        assert resolver.stats()["queries"] == 3
+    finally:
+        resolver.close()
