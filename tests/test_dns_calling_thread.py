@@ -178,3 +178,23 @@ def test_more_queries_than_max_parallel_wait_their_turn(rbl: RbldnsdServer) -> N
         assert resolver.stats()["queries"] == 3
     finally:
         resolver.close()
+
+
+def test_prefetches_never_closed_are_bounded_without_deadlock(
+    rbl: RbldnsdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dnsbl, "_MAX_PREFETCHED", 2)
+    check = dnsbl.build(rcpt_config(rbl.nameserver, [ZEN_LIST], transaction_cache_seconds=0))
+    envelopes = [Envelope(client_ip=f"192.0.2.{n}", mail_from="s@example.net") for n in (1, 2, 3)]
+    handles: list[object] = []
+    worker = threading.Thread(target=lambda: handles.extend(check.prefetch(e) for e in envelopes))
+    worker.start()
+    worker.join(5)
+    try:
+        assert not worker.is_alive(), "prefetch deadlocked evicting the oldest"
+        assert [entry[0] for entry in check._prefetched.values()] == envelopes[1:]
+        # The evicted one was closed; its envelope's RCPT simply asks again.
+        findings = check.check_recipient(envelopes[0], "u@example.org")
+        assert findings == []
+    finally:
+        check.close()

@@ -35,6 +35,8 @@ from filterd.types import Envelope, Finding
 
 SECTION = "dnsbl"
 _UNAVAILABLE_MEMO_SECONDS = 10.0
+# Transactions whose MAIL FROM lookups wait for their first RCPT, at most.
+_MAX_PREFETCHED = 4096
 
 # Addresses no public list can say anything about: RFC 1918, CGN, loopback,
 # link-local, ULA, unspecified, multicast. Documentation ranges (192.0.2.0/24,
@@ -183,10 +185,13 @@ class DnsblCheck(EngineCheck):
         # lookups that are read only when this client sends its RCPT.
         evaluation = self.engine.start(self.subjects(envelope), share=False)
         lookups = _Lookups(self, key, evaluation, envelope)
+        evicted: list[_Lookups] = []
         with self._lock:
             self._prefetched[id(envelope)] = (envelope, lookups)
-            while len(self._prefetched) > 4096:  # callers that never closed: bounded anyway
-                self._prefetched.popitem(last=False)[1][1].close()
+            while len(self._prefetched) > _MAX_PREFETCHED:  # never closed: bounded anyway
+                evicted.append(self._prefetched.popitem(last=False)[1][1])
+        for stale in evicted:  # outside the lock: close() takes it
+            stale.close()
         return lookups
 
     def _remember(self, key: tuple[Any, ...], findings: tuple[Finding, ...]) -> None:
