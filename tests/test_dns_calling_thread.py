@@ -17,6 +17,7 @@ from pathlib import Path
 import dns.message
 import dns.name
 import dns.rdatatype
+import dns.rrset
 import pytest
 
 from filterd.checks import dnsbl
@@ -198,3 +199,116 @@ def test_prefetches_never_closed_are_bounded_without_deadlock(
         assert findings == []
     finally:
         check.close()
+
+
+class TrickyDns:
+    """A loopback DNS server (UDP and TCP on one port) that misbehaves on purpose.
+
+    ``mode``: ``"tc"`` answers over UDP with the TC bit and no records (the full
+    answer only over TCP); ``"forged"`` first sends an answer with the wrong id
+    (what an off-path forger would), then the real one; ``"servfail"`` answers
+    SERVFAIL. The real answer is always 127.0.0.2.
+    """
+
+    def __init__(self, mode: str) -> None:
+        import socket
+
+        self.mode = mode
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.port = self.udp.getsockname()[1]
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.tcp.bind(("127.0.0.1", self.port))
+        self.tcp.listen(4)
+        self.udp.settimeout(0.1)
+        self.tcp.settimeout(0.1)
+        self.tcp_queries = 0
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._serve_udp, daemon=True),
+            threading.Thread(target=self._serve_tcp, daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @staticmethod
+    def answer(query: dns.message.Message) -> dns.message.Message:
+        import dns.rrset
+
+        response = dns.message.make_response(query)
+        response.answer.append(
+            dns.rrset.from_text(query.question[0].name, 60, "IN", "A", "127.0.0.2")
+        )
+        return response
+
+    def _serve_udp(self) -> None:
+        import dns.flags
+        import dns.rcode
+
+        while not self._stop.is_set():
+            try:
+                data, client = self.udp.recvfrom(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            query = dns.message.from_wire(data)
+            if self.mode == "tc":
+                response = dns.message.make_response(query)
+                response.flags |= dns.flags.TC
+            elif self.mode == "servfail":
+                response = dns.message.make_response(query)
+                response.set_rcode(dns.rcode.SERVFAIL)
+            else:
+                response = self.answer(query)
+            if self.mode == "forged":
+                forged = self.answer(query)
+                forged.id = (query.id + 1) % 65536
+                forged.answer[0] = dns.rrset.from_text(
+                    query.question[0].name, 60, "IN", "A", "127.0.0.99"
+                )
+                self.udp.sendto(forged.to_wire(), client)
+            self.udp.sendto(response.to_wire(), client)
+
+    def _serve_tcp(self) -> None:
+        import dns.query
+
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.tcp.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                query, _ = dns.query.receive_tcp(conn)
+                self.tcp_queries += 1
+                dns.query.send_tcp(conn, self.answer(query))
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(2)
+        self.udp.close()
+        self.tcp.close()
+
+
+@pytest.mark.parametrize("mode", ["tc", "forged", "servfail"])
+def test_truncated_forged_and_failing_answers(mode: str) -> None:
+    server = TrickyDns(mode)
+    resolver = DnsblResolver([("127.0.0.1", server.port)], query_timeout=1.0, cache_max_ttl=0)
+    try:
+        answer = resolver.lookup("zen.test", LISTED, budget=2.0)
+        if mode == "servfail":
+            # Asked twice (one server, two tries), then the list counts as failing.
+            assert answer.status == "error" and answer.error == "SERVFAIL"
+            assert resolver.stats()["failures"] == 1
+        else:
+            # TC: asked again over TCP; forged id: ignored, the real answer taken.
+            assert answer.status == "found" and answer.addresses == ("127.0.0.2",)
+            assert server.tcp_queries == (1 if mode == "tc" else 0)
+    finally:
+        resolver.close()
+        server.close()
