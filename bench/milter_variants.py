@@ -102,11 +102,13 @@ def serial_checks() -> None:
     """
     from filterd import pipeline
 
-    def run(self: Any, calls: Any, deadline: float, timings: dict[str, float]) -> list[Any]:
+    def run(
+        self: Any, checks: Any, work: Any, deadline: float, timings: dict[str, float]
+    ) -> list[Any]:
         findings: list[Any] = []
-        for check, fn in calls:
+        for check in checks:
             try:
-                result, spent = pipeline._timed(fn)
+                result, spent = pipeline._timed(check, work)
                 timings[check.name] = timings.get(check.name, 0.0) + spent
                 findings.extend(result)
             except Exception as exc:

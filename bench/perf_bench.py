@@ -358,6 +358,7 @@ def profile(stack: st.Stack, target: str, msg: bytes, seconds: float) -> dict[st
                 "250",
                 "--nonblocking",
                 "--gil",
+                "--subprocesses",  # the workers are the supervisor's children
                 *fmt,
             ],
             stdout=subprocess.DEVNULL,

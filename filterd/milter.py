@@ -262,7 +262,8 @@ class FilterdMilter(Milter.Base):  # type: ignore[misc]
                 "thresholds": self.runtime.served_thresholds(),
                 "size": message.size,
                 "ms": round((time.monotonic() - start) * 1000, 1),
-                # Per check, wall time (concurrent checks include waiting for the GIL).
+                # Per check, wall time: a started check (clamd, uribl) counts from sending
+                # to collecting, so the CPU checks run in between are included.
                 "timings_ms": {k: round(v * 1000, 1) for k, v in decision.timings.items()},
                 "rcpt_timings_ms": {k: round(v, 1) for k, v in rcpt_ms.items()},
                 "records_ms": round(records_ms, 1),

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from filterd.builder import MessageBuilder
+from filterd.checks.base import Started
 from filterd.runtime import Runtime
 from filterd.types import Action, Decision, Envelope, Finding, Message, RecipientDecision
 
@@ -30,6 +31,12 @@ class Transaction:
         # Only a streaming front end (the milter) spools a body.
         self.builder: MessageBuilder | None = (
             MessageBuilder(runtime.settings.milter, self.envelope) if spool else None
+        )
+        # A live SMTP front end has the client's RCPT round trip to spare: the RCPT
+        # checks start their lookups now (dnsbl), and the first RCPT collects them.
+        prefetch = getattr(self.pipeline, "prefetch", None)
+        self._prefetched: list[Started] = (
+            prefetch(self.envelope) if spool and prefetch is not None else []
         )
 
     @property
@@ -72,6 +79,9 @@ class Transaction:
         return self.pipeline.judge_message(message, self.rcpt_findings)
 
     def close(self) -> None:
+        for handle in self._prefetched:
+            handle.close()
+        self._prefetched = []
         if self.builder is not None:
             self.builder.close()
             self.builder = None

@@ -123,3 +123,19 @@ def test_pipeline_parses_as_far_as_uribl_reads(tmp_path: Path) -> None:
         assert analysis_of(message).head_limit == 200_000
     finally:
         pipeline.close()
+
+
+def test_from_domains_read_the_first_from_as_written() -> None:
+    # A folded From: whose encoded display name decodes to a comma and an address:
+    # only the real address counts, and only the first From: header.
+    raw = (
+        b"From: =?utf-8?q?Smith=2C_evil=40spam=2Eexample?=\r\n"
+        b"  <john@Mail.Good.Example>, other@second.example\r\n"
+        b"From: late@third.example\r\n"
+        b"Subject: x\r\n\r\nbody\r\n"
+    )
+    message = Message.from_bytes(raw, Envelope())
+    assert MessageAnalysis(message).from_domains == ["good.example", "second.example"]
+    assert MessageAnalysis(Message.from_bytes(b"Subject: x\r\n\r\n", Envelope())).from_domains == []
+    empty = Message.from_bytes(b"From: \r\n\r\n", Envelope())
+    assert MessageAnalysis(empty).from_domains == []

@@ -29,14 +29,17 @@ from pydantic import Field, field_validator
 
 from filterd import policy
 from filterd.addresses import AddressError, parse_clamd_address
-from filterd.checks.base import OnFailure, Services
-from filterd.clients.clamd import ClamdClient, ScanResult
+from filterd.checks.base import Done, OnFailure, Services, Started
+from filterd.clients.clamd import ClamdClient, PendingScan, ScanResult
 from filterd.settings import ConfigError, Section
 from filterd.types import Effect, Finding, Message, SmtpReply
 
 SECTION = "antivirus"
 NAME = "antivirus"
 UNOFFICIAL = ".UNOFFICIAL"
+# Messages up to this size are handed to clamd in one write from the connection's
+# thread (``start_message``); bigger ones are streamed from the pool.
+INLINE_SCAN_BYTES = 256 * 1024
 
 OversizeAction = Literal["reject", "tempfail", "accept_with_header"]
 
@@ -99,6 +102,26 @@ class AntivirusCheck:
         result = self.client.scan_chunks(message.iter_raw(), max_bytes=limit)
         return self.findings(result)
 
+    def start_message(self, message: Message, exempt: bool) -> Started | None:
+        """Hand a small message to clamd in one non-blocking write; its verdict is read later.
+
+        clamd then scans while the pipeline runs the CPU-bound checks on this
+        thread, with no pool thread to wake (and no GIL for it to wait for). None
+        (the pool streams it with ``check_message``) for messages above
+        ``INLINE_SCAN_BYTES`` (kept in memory whole here) or when clamd cannot be
+        reached without waiting.
+        """
+        limit = self.config.max_scan_bytes
+        if message.oversize or message.size > limit:
+            return Done(self.check_message(message, exempt))
+        if message.size > INLINE_SCAN_BYTES:
+            return None
+        data = b"".join(message.iter_raw())
+        if len(data) > limit:  # bigger than it claimed: scan_chunks stops at the limit
+            return None
+        pending = self.client.start_scan(data)
+        return None if pending is None else _Scan(self, pending)
+
     def findings(self, result: ScanResult) -> list[Finding]:
         """Turn a clamd verdict into findings (public for `filterd scan` and tests)."""
         if result.too_large:
@@ -135,6 +158,20 @@ class AntivirusCheck:
             bypassable=False,
             unchecked=effect is Effect.SCORE,
         )
+
+
+class _Scan:
+    """A started scan: ``collect`` reads clamd's verdict into findings."""
+
+    def __init__(self, check: AntivirusCheck, pending: PendingScan) -> None:
+        self.check = check
+        self.pending = pending
+
+    def collect(self, deadline: float) -> list[Finding]:
+        return self.check.findings(self.pending.verdict(deadline))
+
+    def close(self) -> None:
+        self.pending.close()
 
 
 def _limit_detail(result: ScanResult, max_scan_bytes: int) -> str:

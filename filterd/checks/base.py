@@ -72,3 +72,43 @@ class MessageCheck(Check, Protocol):
     gate: bool
 
     def check_message(self, message: Message, exempt: bool) -> Sequence[Finding]: ...
+
+
+class Started(Protocol):
+    """A check whose I/O is under way (``start_message`` / ``start_recipient``).
+
+    ``collect`` waits for the answers and turns them into findings; it returns by
+    ``deadline`` (time.monotonic) or raises TimeoutError. ``close`` abandons the
+    I/O when the decision no longer needs it.
+    """
+
+    def collect(self, deadline: float) -> Sequence[Finding]: ...
+
+    def close(self) -> None: ...
+
+
+class StartableMessageCheck(MessageCheck, Protocol):
+    """A message check that can send its requests without blocking, to collect them later.
+
+    ``start_message`` returns None when it cannot (a message too big for one write):
+    the pipeline then runs ``check_message`` in its pool.
+    """
+
+    def start_message(self, message: Message, exempt: bool) -> Started | None: ...
+
+
+class StartableRecipientCheck(RecipientCheck, Protocol):
+    def start_recipient(self, envelope: Envelope, recipient: str) -> Started | None: ...
+
+
+class Done:
+    """A ``Started`` whose findings were known at once (cached, or nothing to ask)."""
+
+    def __init__(self, findings: Sequence[Finding] | None = None) -> None:
+        self.findings = list(findings or [])
+
+    def collect(self, deadline: float) -> list[Finding]:
+        return list(self.findings)
+
+    def close(self) -> None:
+        """Nothing under way."""

@@ -18,8 +18,16 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from filterd.checks.base import Services
-from filterd.dns.engine import Engine, EngineCheck, Subject, domain_subject, engine_for, ip_subject
+from filterd.checks.base import Done, Services, Started
+from filterd.dns.engine import (
+    Engine,
+    EngineCheck,
+    Evaluation,
+    Subject,
+    domain_subject,
+    engine_for,
+    ip_subject,
+)
 from filterd.dns.lists import CodeRule, ListConfig, ResolverSettings, spamhaus_dbl
 from filterd.mail.links import registered_domain
 from filterd.settings import Settings
@@ -27,6 +35,8 @@ from filterd.types import Envelope, Finding
 
 SECTION = "dnsbl"
 _UNAVAILABLE_MEMO_SECONDS = 10.0
+# Transactions whose MAIL FROM lookups wait for their first RCPT, at most.
+_MAX_PREFETCHED = 4096
 
 # Addresses no public list can say anything about: RFC 1918, CGN, loopback,
 # link-local, ULA, unspecified, multicast. Documentation ranges (192.0.2.0/24,
@@ -69,6 +79,10 @@ class Config(ResolverSettings):
     transaction_cache_seconds: float = 120.0
 
 
+def memo_valid(memo: tuple[float, tuple[Finding, ...]] | None) -> bool:
+    return memo is not None and memo[0] > time.monotonic()
+
+
 def _is_private(address: str) -> bool:
     try:
         ip = ipaddress.ip_address(address.strip("[]").removeprefix("IPv6:"))
@@ -96,6 +110,8 @@ class DnsblCheck(EngineCheck):
         self.engine = engine or Engine(config, check="dnsbl", prefix="DNSBL")
         self._memo: OrderedDict[tuple[Any, ...], tuple[float, tuple[Finding, ...]]] = OrderedDict()
         self._lock = threading.Lock()
+        # Lookups sent at MAIL FROM, by id() of the transaction's envelope (kept with it).
+        self._prefetched: OrderedDict[int, tuple[Envelope, _Lookups]] = OrderedDict()
 
     def subjects(self, envelope: Envelope) -> list[Subject]:
         """What this transaction exposes to the lists, after the skip rules."""
@@ -120,28 +136,108 @@ class DnsblCheck(EngineCheck):
 
     def check_recipient(self, envelope: Envelope, recipient: str) -> Sequence[Finding]:
         """Evidence about the transaction; the same for every recipient of it."""
+        started = self.start_recipient(envelope, recipient)
+        return started.collect(time.monotonic() + self.config.budget)
+
+    def start_recipient(self, envelope: Envelope, recipient: str) -> Started:
+        """Send this transaction's lookups (unless a recent RCPT of it has the findings).
+
+        Run on the connection's thread by the pipeline: sending never blocks and
+        ``collect`` waits no longer than the deadline it is given.
+        """
         if not self.config.enabled or not self.engine.lists:
-            return []
+            return Done()
         key = (envelope.client_ip, envelope.helo, envelope.mail_from.lower(),
                bool(envelope.auth_user))  # fmt: skip
-        now = time.monotonic()
         with self._lock:
+            prefetched = self._prefetched.pop(id(envelope), None)
             memo = self._memo.get(key)
-            if memo is not None and memo[0] > now:
-                self.engine.count("transaction_cache_hits")
-                return list(memo[1])
-        findings = tuple(self.engine.evaluate(self.subjects(envelope), self.config.budget))
+        if prefetched is not None and (prefetched[0] is not envelope or memo_valid(memo)):
+            prefetched[1].close()  # a stale entry, or a later RCPT of this transaction
+            prefetched = None
+        if memo is not None and memo_valid(memo):
+            self.engine.count("transaction_cache_hits")
+            return Done(list(memo[1]))
+        if prefetched is not None:
+            self.engine.count("prefetched")
+            prefetched[1].restart()  # the budget counts from this RCPT
+            return prefetched[1]
+        evaluation = self.engine.start(self.subjects(envelope))
+        return _Lookups(self, key, evaluation)
+
+    def prefetch(self, envelope: Envelope) -> Started | None:
+        """At MAIL FROM: send the transaction's lookups so that its first RCPT finds answers.
+
+        MAIL FROM is a no-reply event (Postfix does not wait for us), so the DNS
+        round trip overlaps the client's RCPT command. The first ``start_recipient``
+        with this very envelope takes the lookups over; the caller closes the
+        returned handle when the transaction ends (a no-op once collected), so a
+        transaction whose RCPTs never reach us leaves no socket behind.
+        """
+        if not self.config.enabled or not self.engine.lists:
+            return None
+        key = (envelope.client_ip, envelope.helo, envelope.mail_from.lower(),
+               bool(envelope.auth_user))  # fmt: skip
+        with self._lock:
+            if memo_valid(self._memo.get(key)):
+                return None
+        # Not shared with other threads' identical queries: nobody may wait on
+        # lookups that are read only when this client sends its RCPT.
+        evaluation = self.engine.start(self.subjects(envelope), share=False)
+        lookups = _Lookups(self, key, evaluation, envelope)
+        evicted: list[_Lookups] = []
+        with self._lock:
+            self._prefetched[id(envelope)] = (envelope, lookups)
+            while len(self._prefetched) > _MAX_PREFETCHED:  # never closed: bounded anyway
+                evicted.append(self._prefetched.popitem(last=False)[1][1])
+        for stale in evicted:  # outside the lock: close() takes it
+            stale.close()
+        return lookups
+
+    def _remember(self, key: tuple[Any, ...], findings: tuple[Finding, ...]) -> None:
         keep = self.config.transaction_cache_seconds
         if any(f.unchecked for f in findings):
             # Long enough for the other RCPTs of this transaction, short enough
             # that the next transaction asks a recovered list again.
             keep = min(keep, _UNAVAILABLE_MEMO_SECONDS)
         with self._lock:
-            self._memo[key] = (now + keep, findings)
+            self._memo[key] = (time.monotonic() + keep, findings)
             self._memo.move_to_end(key)
             while len(self._memo) > 4096:
                 self._memo.popitem(last=False)
+
+
+class _Lookups:
+    """One transaction's lookups on the wire; collecting them fills the transaction memo."""
+
+    def __init__(
+        self,
+        check: DnsblCheck,
+        key: tuple[Any, ...],
+        evaluation: Evaluation,
+        envelope: Envelope | None = None,
+    ) -> None:
+        self.check = check
+        self.key = key
+        self.evaluation = evaluation
+        self.envelope = envelope  # set when prefetched at MAIL FROM
+        self.restart()
+
+    def restart(self) -> None:
+        self.deadline = time.monotonic() + self.check.config.budget
+
+    def collect(self, deadline: float) -> Sequence[Finding]:
+        findings = tuple(self.evaluation.finish(min(deadline, self.deadline)))
+        self.check._remember(self.key, findings)
         return list(findings)
+
+    def close(self) -> None:
+        self.evaluation.close()
+        if self.envelope is not None:
+            with self.check._lock:
+                entry = self.check._prefetched.get(id(self.envelope))
+                if entry is not None and entry[1] is self:
+                    del self.check._prefetched[id(self.envelope)]
 
 
 def build(config: Config, services: Services | None = None) -> DnsblCheck:

@@ -10,13 +10,21 @@ and fail open like the RCPT-time lists.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import field_validator
 
-from filterd.checks.base import Services
-from filterd.dns.engine import Engine, EngineCheck, Subject, domain_subject, engine_for
+from filterd.checks.base import Done, Services, Started
+from filterd.dns.engine import (
+    Engine,
+    EngineCheck,
+    Evaluation,
+    Subject,
+    domain_subject,
+    engine_for,
+)
 from filterd.dns.lists import ListConfig, ResolverSettings, spamhaus_dbl, split_list
 from filterd.mail.analysis import analysis_of
 from filterd.settings import Settings
@@ -93,9 +101,27 @@ class UriblCheck(EngineCheck):
         return subjects
 
     def check_message(self, message: Message, exempt: bool) -> Sequence[Finding]:
+        return self.start_message(message, exempt).collect(time.monotonic() + self.config.budget)
+
+    def start_message(self, message: Message, exempt: bool) -> Started:
+        """Read the link domains and send their lookups; the answers are read by ``collect``."""
         if exempt or not self.config.enabled or not self.engine.lists:
-            return []
-        return self.engine.evaluate(self.subjects(message), self.config.budget)
+            return Done()
+        return _Lookups(self.engine.start(self.subjects(message)), self.config.budget)
+
+
+class _Lookups:
+    """The lookups of one message, under the check's own budget and the pipeline's deadline."""
+
+    def __init__(self, evaluation: Evaluation, budget: float) -> None:
+        self.evaluation = evaluation
+        self.deadline = time.monotonic() + budget
+
+    def collect(self, deadline: float) -> Sequence[Finding]:
+        return self.evaluation.finish(min(deadline, self.deadline))
+
+    def close(self) -> None:
+        self.evaluation.close()
 
 
 def build(config: Config, services: Services | None = None) -> UriblCheck:

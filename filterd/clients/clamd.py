@@ -193,6 +193,48 @@ class ClamdClient:
 
     # -- scanning ---------------------------------------------------------------
 
+    def start_scan(self, data: bytes) -> PendingScan | None:
+        """Connect and write the whole INSTREAM of ``data`` without blocking.
+
+        For a unix-socket clamd only (a connect there never waits for the
+        network): None when the connect would wait (listen queue full) or clamd
+        is on TCP; the caller then uses ``scan_chunks`` where it may block. What
+        the socket buffer does not take now is written by ``verdict``. Raises
+        ClamdUnavailable when clamd is not there, like ``scan_chunks``.
+        """
+        if not self.address.is_unix:
+            return None
+        start = time.monotonic()
+        view = memoryview(data)
+        frames: list[bytes | memoryview] = [b"zINSTREAM\0"]
+        for offset in range(0, len(view), self.chunk_bytes):
+            piece = view[offset : offset + self.chunk_bytes]
+            frames += [struct.pack("!L", len(piece)), piece]
+        frames.append(b"\0\0\0\0")
+        payload = b"".join(frames)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(self.address.path)
+        except BlockingIOError:  # listen queue full: scan_chunks waits for room
+            sock.close()
+            return None
+        except OSError as exc:
+            sock.close()
+            raise ClamdUnavailable(
+                f"clamd {self.describe()}: cannot connect ({exc.strerror or exc})"
+            ) from None
+        try:
+            written = sock.send(payload)
+        except BlockingIOError:
+            written = 0
+        except (BrokenPipeError, ConnectionResetError):
+            written = -1
+        except OSError as exc:
+            sock.close()
+            raise ClamdUnavailable(f"clamd {self.describe()}: {exc.strerror or exc}") from None
+        return PendingScan(self, sock, payload, written, len(data), start)
+
     def scan_bytes(self, data: bytes, max_bytes: int | None = None) -> ScanResult:
         return self.scan_chunks((data,), max_bytes)
 
@@ -242,6 +284,71 @@ class ClamdClient:
             raise ClamdUnavailable(f"clamd {self.describe()}: {exc.strerror or exc}") from None
         finally:
             sock.close()
+
+
+class PendingScan:
+    """A scan whose whole INSTREAM was handed to the kernel (or most of it); verdict later.
+
+    ``ClamdClient.start_scan`` connects and writes without blocking, so clamd reads
+    and scans while the caller's thread does other work; ``verdict`` writes what
+    the socket did not take yet and reads the reply, under the scan's deadline.
+    """
+
+    def __init__(
+        self, client: ClamdClient, sock: socket.socket, payload: bytes, written: int,
+        message_bytes: int, start: float,
+    ) -> None:  # fmt: skip
+        self.client = client
+        self.sock: socket.socket | None = sock
+        self.payload = payload
+        self.written = written  # -1: clamd closed the connection while we wrote
+        self.message_bytes = message_bytes
+        self.start = start
+        self.deadline = start + client.timeout
+
+    def verdict(self, deadline: float | None = None) -> ScanResult:
+        """clamd's verdict, by ``deadline`` at the latest (and by the client's timeout)."""
+        sock, self.sock = self.sock, None
+        if sock is None:
+            raise ClamdUnavailable(f"clamd {self.client.describe()}: scan already collected")
+        until = self.deadline if deadline is None else min(deadline, self.deadline)
+        sent = self.message_bytes
+        try:
+            broken = self.written < 0
+            if not broken and self.written < len(self.payload):
+                try:
+                    _send(sock, memoryview(self.payload)[self.written :], until)
+                except (BrokenPipeError, ConnectionResetError):
+                    broken = True
+            if broken:
+                # clamd closes early when StreamMaxLength is passed; its reply
+                # may already be waiting in our receive buffer.
+                reply = _read_reply(sock, min(until, time.monotonic() + 1.0), quiet=True)
+                if reply is None:
+                    raise ClamdUnavailable(
+                        f"clamd {self.client.describe()}: connection lost while sending"
+                    )
+                return _verdict(reply, sent, time.monotonic() - self.start)
+            reply = _read_reply(sock, until)
+            assert reply is not None
+            return _verdict(reply, sent, time.monotonic() - self.start)
+        except TimeoutError:
+            raise ClamdTimeout(
+                f"clamd {self.client.describe()}: no verdict within {until - self.start:.3g} s"
+            ) from None
+        except ClamdError:
+            raise
+        except OSError as exc:
+            raise ClamdUnavailable(
+                f"clamd {self.client.describe()}: {exc.strerror or exc}"
+            ) from None
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 def _send(sock: socket.socket, data: bytes | memoryview, deadline: float) -> None:

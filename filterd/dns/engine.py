@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from filterd.addresses import parse_nameservers
 from filterd.dns.lists import CodeRule, CompiledList, ResolverKeys, ResolverSettings
-from filterd.dns.resolver import Answer, DnsblResolver, reverse_ip
+from filterd.dns.resolver import Answer, DnsblResolver, Lookups, reverse_ip
 from filterd.types import Effect, Finding, SmtpReply
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,15 @@ class Engine:
 
     def evaluate(self, subjects: Sequence[Subject], budget: float) -> list[Finding]:
         """Look every subject up on every list that serves it; one call, one budget."""
+        return self.start(subjects).finish(time.monotonic() + budget)
+
+    def start(self, subjects: Sequence[Subject], share: bool = True) -> Evaluation:
+        """Send every lookup now; ``Evaluation.finish`` reads the answers into findings.
+
+        Between the two the calling thread is free (the end-of-message pipeline runs
+        the CPU-bound checks there while the answers travel). ``share``: see
+        ``DnsblResolver.start_many``.
+        """
         plan: dict[tuple[str, str], list[Subject]] = {}
         by_key: dict[tuple[str, str], CompiledList] = {}
         for item in self.lists:
@@ -126,8 +136,18 @@ class Engine:
                 by_key[key] = item
                 plan.setdefault(key, []).append(subject)
         if not plan:
-            return []
-        answers = self.resolver.lookup_many([(by_key[key].zone, key[1]) for key in plan], budget)
+            return Evaluation(self, plan, by_key, None)
+        lookups = self.resolver.start_many(
+            [(by_key[key].zone, key[1]) for key in plan], share=share
+        )
+        return Evaluation(self, plan, by_key, lookups)
+
+    def _findings(
+        self,
+        plan: dict[tuple[str, str], list[Subject]],
+        by_key: dict[tuple[str, str], CompiledList],
+        answers: dict[str, Answer],
+    ) -> list[Finding]:
         findings: list[Finding] = []
         grouped: dict[tuple[str, str, str], tuple[CompiledList, CodeRule, list[str], list[Subject]]]
         grouped = {}
@@ -303,6 +323,36 @@ def engine_for(
     if own or not isinstance(shared, DnsblResolver):
         return Engine(config, check=check, prefix=prefix)
     return Engine(config, check=check, prefix=prefix, resolver=shared)
+
+
+class Evaluation:
+    """Lookups on the wire for one ``Engine.start``; ``finish`` once, or ``close``."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        plan: dict[tuple[str, str], list[Subject]],
+        by_key: dict[tuple[str, str], CompiledList],
+        lookups: Lookups | None,
+    ) -> None:
+        self._engine = engine
+        self._plan = plan
+        self._by_key = by_key
+        self._lookups = lookups
+
+    def finish(self, deadline: float) -> list[Finding]:
+        """Findings from the answers that arrive before ``deadline`` (time.monotonic)."""
+        if self._lookups is None:
+            return []
+        lookups, self._lookups = self._lookups, None
+        answers = lookups.collect(deadline)
+        return self._engine._findings(self._plan, self._by_key, answers)
+
+    def close(self) -> None:
+        """Abandon the lookups (the message was decided without them)."""
+        if self._lookups is not None:
+            self._lookups.close()
+            self._lookups = None
 
 
 class EngineCheck:

@@ -219,6 +219,7 @@ class ResolverKeys(Section):
     breaker_seconds: float = 30.0
     # While open, one query per this many seconds probes the list; an answer closes it.
     breaker_probe_seconds: float = 2.0
+    # Queries one lookup call keeps on the wire at once (one UDP socket each); more wait.
     max_parallel: int = 32
 
     @field_validator("nameservers")

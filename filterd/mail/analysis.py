@@ -95,11 +95,14 @@ class MessageAnalysis:
         return self._once("from_domains", self._from_domains)
 
     def _from_domains(self) -> list[str]:
-        value = self.message.header("From")
-        if not value:
+        # The first From: as written, read by getaddresses: the header registry's
+        # structured parse of the same value cost ~0.25 ms per message for nothing
+        # (an address is never an encoded word; display names are not looked at).
+        values = self.raw_header_values("From")[:1]
+        if not values or not values[0].strip():
             return []
         domains: list[str] = []
-        for _, address in getaddresses([value]):
+        for _, address in getaddresses(values):
             if "@" in address:
                 domain = registered_domain(address.rsplit("@", 1)[1])
                 if domain and domain not in domains:

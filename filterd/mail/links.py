@@ -33,6 +33,14 @@ _SCHEME_URL = re.compile(
     re.IGNORECASE,
 )
 _WWW = re.compile(r"(?<![\w.@/-])(?P<auth>www\d{0,3}\.[^\s/\\?#<>\"'`|^{}]+)", re.IGNORECASE)
+# The same three patterns for lower-cased ASCII text, each starting with a literal
+# and its look-behind moved after it: the regex engine then skips ahead to that
+# literal in C instead of trying every position (measured on 8 KB of ham text:
+# 450 -> 30 us). Same matches; tests/test_links_fastpath.py holds them equal.
+_AUTH = r"(?P<auth>[^\s/\\?#<>\"'`|^{}]+)"
+_SCHEME_H = re.compile(r"h(?<![a-z0-9]h)(?:tt|xx|\*\*)ps?\s*:\s*[/\\]{2}" + _AUTH)
+_SCHEME_FTP = re.compile(r"ftp(?<![a-z0-9]ftp)\s*:\s*[/\\]{2}" + _AUTH)
+_WWW_LOWER = re.compile(r"www(?<![\w.@/-]www)\d{0,3}\.[^\s/\\?#<>\"'`|^{}]+")
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 _URL_ATTRS = frozenset(
     {"href", "src", "action", "formaction", "background", "cite", "data", "poster", "longdesc"}
@@ -102,17 +110,50 @@ def hosts_in_text(text: str) -> Iterator[str]:
     if not text.isascii():
         text = text.translate(_DOTS)
     found: list[tuple[int, str]] = []
-    patterns = []
-    if ":" in text and ("//" in text or "\\" in text):
-        patterns.append(_SCHEME_URL)
-    if "www" in text or "www" in text.lower():
-        patterns.append(_WWW)
-    for pattern in patterns:
-        for match in pattern.finditer(text):
-            found.append((match.start(), _host_of(match.group("auth"))))
+    schemes = ":" in text and ("//" in text or "\\" in text)
+    if text.isascii():
+        found = _ascii_links(text, schemes)
+    else:
+        patterns = []
+        if schemes:
+            patterns.append(_SCHEME_URL)
+        if "www" in text or "www" in text.lower():
+            patterns.append(_WWW)
+        for pattern in patterns:
+            for match in pattern.finditer(text):
+                found.append((match.start(), _host_of(match.group("auth"))))
     found.sort()
     for _, host in found:
         yield host
+
+
+def _ascii_links(text: str, schemes: bool) -> list[tuple[int, str]]:
+    """``_SCHEME_URL`` and ``_WWW`` matches, found in the lower-cased text (same offsets).
+
+    The scheme pattern is split in two (``h..`` and ``ftp``); merged by offset,
+    a match that starts inside the previous one is dropped, as one ``finditer``
+    over the combined pattern would never have found it. Hosts are cut from the
+    original text, so they keep their case as before.
+    """
+    lower = text.lower()
+    found: list[tuple[int, str]] = []
+    if schemes:
+        matches = sorted(
+            (m.start(), m.end(), m.start("auth"), m.end("auth"))
+            for pattern in (_SCHEME_H, _SCHEME_FTP)
+            for m in pattern.finditer(lower)
+        )
+        end = -1
+        for start, stop, auth_start, auth_end in matches:
+            if start < end:
+                continue
+            end = stop
+            found.append((start, _host_of(text[auth_start:auth_end])))
+    if "www" in lower:
+        found += [
+            (m.start(), _host_of(text[m.start() : m.end()])) for m in _WWW_LOWER.finditer(lower)
+        ]
+    return found
 
 
 class _LinkParser(HTMLParser):
