@@ -326,10 +326,6 @@ def _call(check: Check, work: RecipientWork | MessageWork) -> Sequence[Finding]:
     return cast(RecipientCheck, check).check_recipient(work.envelope, work.recipient)
 
 
-def _cpu_bound(check: Check) -> bool:
-    return bool(getattr(check, "cpu_bound", False))
-
-
 def _starter(check: Check, work: RecipientWork | MessageWork) -> object | None:
     """The check's start method for this phase, if it has one."""
     name = "start_message" if isinstance(work, MessageWork) else "start_recipient"
