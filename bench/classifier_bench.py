@@ -338,6 +338,12 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     ap.add_argument("--ensemble", type=int, default=1)
     ap.add_argument("--balance", action=argparse.BooleanOptionalAction, default=TrainConfig.balance)
+    ap.add_argument(
+        "--average",
+        action=argparse.BooleanOptionalAction,
+        default=TrainConfig.average,
+        help="averaged SGD (mean of the iterates) or the last iterate",
+    )
     ap.add_argument("--ham-weight", type=float, default=TrainConfig.ham_weight)
     ap.add_argument("--alpha", default=str(TrainConfig.alpha), help="comma-separated: a sweep")
     ap.add_argument("--full-words", type=float, default=DEFAULT_EVIDENCE["full_words"])
@@ -353,7 +359,7 @@ def main() -> int:
     ap.add_argument("--model", help="model directory for the latency figure (else random weights)")
     a = ap.parse_args()
     alphas = [float(x) for x in str(a.alpha).split(",")]
-    cfg = TrainConfig(epochs=a.epochs, ensemble=a.ensemble, alpha=alphas[0])
+    cfg = TrainConfig(epochs=a.epochs, ensemble=a.ensemble, alpha=alphas[0], average=a.average)
     evidence = {"full_words": a.full_words, "prior_logit": a.prior_logit}
     if a.write_masked:
         for name, rel, _label, masked in SOURCES:
@@ -382,6 +388,7 @@ def main() -> int:
             "ensemble": cfg.ensemble,
             "alpha": cfg.alpha,
             "balance": a.balance,
+            "average": a.average,
             "ham_weight": a.ham_weight,
             "evidence": evidence,
         },
@@ -395,6 +402,7 @@ def main() -> int:
                 alpha=alpha,
                 balance=a.balance,
                 ham_weight=a.ham_weight,
+                average=a.average,
             )
             key = name if len(alphas) == 1 else f"{name}@alpha={alpha:g}"
             r = run_variant(c, VARIANTS[name], cfg_a, evidence, a.nested, a.nested_loso)

@@ -491,6 +491,35 @@ def test_fit_sgd_ensemble_is_mean_of_runs() -> None:
     assert b == pytest.approx((b0 + b1) / 2)
 
 
+def test_fit_sgd_average_returns_the_mean_of_the_iterates() -> None:
+    # TrainConfig.average (default, chosen out of source) must reach sklearn as average=True:
+    # the same seed and batches give sklearn's averaged weights, not the last iterate
+    import scipy.sparse as sp
+    from sklearn.linear_model import SGDClassifier
+
+    X = sp.random(60, 64, density=0.2, format="csr", random_state=2, dtype=np.float32)
+    y = (np.asarray(X[:, :8].sum(1)).ravel() > 0.5).astype(np.int64)
+
+    def batches(ep: int):  # type: ignore[no-untyped-def]
+        p = np.random.default_rng(ep).permutation(len(y))
+        for i in range(0, len(p), 20):
+            yield X[p[i : i + 20]], y[p[i : i + 20]]
+
+    assert TrainConfig().average
+    cfg = TrainConfig(n_features=64, epochs=3, ensemble=1, seed=0, ham_weight=1.0)
+    coef, b = fit_sgd(batches, 64, cfg)
+    last, _ = fit_sgd(batches, 64, TrainConfig(**{**cfg.__dict__, "average": False}))
+    ref = SGDClassifier(
+        loss="log_loss", penalty="l2", alpha=cfg.alpha, random_state=0, average=True
+    )
+    for ep in range(3):
+        for xb, yb in batches(ep):
+            ref.partial_fit(xb, yb, classes=np.array([0, 1]), sample_weight=np.ones(len(yb)))
+    np.testing.assert_allclose(coef, ref.coef_.ravel())
+    assert b == pytest.approx(float(ref.intercept_[0]))
+    assert not np.allclose(coef, last)
+
+
 def test_shipped_default_model_loads() -> None:
     mdir = Path(__file__).resolve().parents[1] / "models"
     name = registry.active_name(mdir) if mdir.is_dir() else None

@@ -170,6 +170,12 @@ def _resolve_model(spec: str, models_dir: str | None) -> Path:
     help="Independent SGD runs whose weights are averaged (steadier thresholds).",
 )
 @click.option(
+    "--average/--no-average",
+    default=True,
+    show_default=True,
+    help="Averaged SGD: each run's weights are the mean of its iterates (transfers better).",
+)
+@click.option(
     "--description", default="", help="Free text for the model card (training data description)."
 )
 @click.option(
@@ -196,6 +202,7 @@ def train(  # type: ignore[no-untyped-def]
     folds,
     batch_size,
     ensemble,
+    average,
     description,
     tmp_dir,
     do_promote,
@@ -216,6 +223,7 @@ def train(  # type: ignore[no-untyped-def]
         ham_weight=ham_weight,
         batch_size=batch_size,
         ensemble=ensemble,
+        average=average,
         folds=folds,
         reject_fpr=reject_fpr,
         tag_fpr=tag_fpr,
