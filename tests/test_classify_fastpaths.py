@@ -29,3 +29,34 @@ def test_letter_counts_equal_isalpha_and_isupper() -> None:
     for text in [*_samples(5000), "ABC def", "ÀÉ \u017f İ", ""]:
         want = (sum(c.isalpha() for c in text), sum(c.isupper() for c in text))
         assert F._count_letters(text) == want, text
+
+
+def test_html_scans_skipped_by_their_literal_guards_still_fire_in_any_case() -> None:
+    """html_to_text skips a regex when the lower-cased text lacks a literal every match
+    holds; upper-case and mixed-case markup must still give the same tokens."""
+    page = (
+        '<HTML><BODY><P STYLE="DISPLAY : NONE">x</P><FONT SIZE=1>tiny</FONT>'
+        '<TD BGCOLOR=red><SPAN STYLE="COLOR: #FFFFFF">white</SPAN></TD>'
+        '<META HTTP-EQUIV="Refresh" CONTENT="0"><BASE HREF="http://b.example/">'
+        'wo<!-- x -->rd <A HREF="http://evil.example/x">www.bank.example</A>'
+        "<SCRIPT>var a = 1;</SCRIPT><TITLE>t</TITLE></BODY></HTML>"
+    )
+    for variant in (page, page.lower(), page.swapcase()):
+        toks: list[str] = []
+        urls: list[str] = []
+        text = F.html_to_text(variant, toks, urls)
+        for token in (
+            "o:html_hidden",
+            "o:html_tinyfont",
+            "o:html_white",
+            "t:meta_refresh",
+            "t:base_href",
+            "o:html_comment_inword",
+            "o:link_text_domain_mismatch",
+            "n:html_comments=1",
+        ):
+            assert token in toks, (token, variant[:40])
+        assert "var a" not in text.lower() and "http://evil.example/x" in [u.lower() for u in urls]
+    plain: list[str] = []
+    F.html_to_text("<p>just words, no styling</p>", plain, [])
+    assert not {"o:html_hidden", "o:html_tinyfont", "o:html_white", "t:meta_refresh"} & set(plain)

@@ -354,16 +354,23 @@ _WHITE_RE = re.compile(r"color\s*[=:]\s*[\"']?(?:#?f{6}\b|#fff\b|white\b)", re.I
 def html_to_text(src: str, toks: list[str], urls: list[str]) -> str:
     """Crude but fast HTML -> text; appends structure tokens to ``toks`` and URLs to ``urls``."""
     tag_counts: dict[str, int] = {}
-    if _COMMENT_INWORD_RE.search(src):
-        toks.append("o:html_comment_inword")
-    n_comments = len(_COMMENT_RE.findall(src))
+    # Each case-insensitive scan below runs only when the lower-cased text holds a literal
+    # every match must contain (none of them has i, s or k, the ASCII letters that re.I
+    # also matches with non-ASCII look-alikes), so the tokens are those of the full scans.
+    low = src.lower()
+    n_comments = 0
+    if "<!--" in src:
+        if _COMMENT_INWORD_RE.search(src):
+            toks.append("o:html_comment_inword")
+        n_comments = len(_COMMENT_RE.findall(src))
+        src = _COMMENT_RE.sub("", src)
+        low = src.lower()
     toks.append(f"n:html_comments={_bucket(n_comments)}")
-    src = _COMMENT_RE.sub("", src)
     for m in _URL_ATTR_RE.finditer(src):
         if len(urls) >= MAX_URLS:
             break
         urls.append(m.group(1))
-    for m in _ANCHOR_RE.finditer(src):
+    for m in _ANCHOR_RE.finditer(src) if "href" in low else ():
         href, text = m.group(1), m.group(2)
         text = re.sub(r"<[^>]*>", "", text)
         tm = re.search(r"(?:https?://)?((?:[a-z0-9-]+\.)+[a-z]{2,})", text, re.I)
@@ -371,13 +378,14 @@ def html_to_text(src: str, toks: list[str], urls: list[str]) -> str:
         if tm and hm:  # noqa: SIM102
             if _regdomain(tm.group(1)) != _regdomain(hm.group(1)):
                 toks.append("o:link_text_domain_mismatch")
-    if _HIDDEN_RE.search(src):
+    if ("none" in low or "dden" in low or "font-" in low) and _HIDDEN_RE.search(src):
         toks.append("o:html_hidden")
-    if _TINYFONT_RE.search(src):
+    if "<font" in low and _TINYFONT_RE.search(src):
         toks.append("o:html_tinyfont")
-    if _WHITE_RE.search(src):
+    if "color" in low and _WHITE_RE.search(src):
         toks.append("o:html_white")
-    src = _SCRIPT_RE.sub(" ", src)
+    if "</" in src:  # every script/style/title match ends with a closing tag
+        src = _SCRIPT_RE.sub(" ", src)
 
     def _tag(m: re.Match[str]) -> str:
         name = m.group(2).lower()
@@ -404,9 +412,10 @@ def html_to_text(src: str, toks: list[str], urls: list[str]) -> str:
         "b",
     ):
         toks.append(f"t:{name}={_bucket(tag_counts.get(name, 0))}")
-    if "<base" in src.lower():
+    low = src.lower()
+    if "<base" in low:
         toks.append("t:base_href")
-    if re.search(r"http-equiv\s*=\s*[\"']?refresh", src, re.I):
+    if "http-equ" in low and re.search(r"http-equiv\s*=\s*[\"']?refresh", src, re.I):
         toks.append("t:meta_refresh")
     try:  # noqa: SIM105
         text = html.unescape(text)
