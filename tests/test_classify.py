@@ -469,10 +469,11 @@ def test_cli_train_evaluate_promote(tmp_path: Path) -> None:
     assert r.exit_code != 0
 
 
-def test_fit_sgd_ensemble_is_mean_of_runs() -> None:
+def _sparse_batches(random_state: int):  # type: ignore[no-untyped-def]
+    """A small random sparse problem as ``fit_sgd`` reads it: epoch -> shuffled batches."""
     import scipy.sparse as sp
 
-    X = sp.random(60, 64, density=0.2, format="csr", random_state=1, dtype=np.float32)
+    X = sp.random(60, 64, density=0.2, format="csr", random_state=random_state, dtype=np.float32)
     y = (np.asarray(X[:, :8].sum(1)).ravel() > 0.5).astype(np.int64)
 
     def batches(ep: int):  # type: ignore[no-untyped-def]
@@ -480,6 +481,11 @@ def test_fit_sgd_ensemble_is_mean_of_runs() -> None:
         for i in range(0, len(p), 20):
             yield X[p[i : i + 20]], y[p[i : i + 20]]
 
+    return batches
+
+
+def test_fit_sgd_ensemble_is_mean_of_runs() -> None:
+    batches = _sparse_batches(1)
     cfg = TrainConfig(n_features=64, epochs=2, ensemble=2, seed=0)
     coef, b = fit_sgd(batches, 64, cfg)
     c0, b0 = fit_sgd(batches, 64, TrainConfig(n_features=64, epochs=2, ensemble=1, seed=0))
@@ -494,17 +500,9 @@ def test_fit_sgd_ensemble_is_mean_of_runs() -> None:
 def test_fit_sgd_average_returns_the_mean_of_the_iterates() -> None:
     # TrainConfig.average (default, chosen out of source) must reach sklearn as average=True:
     # the same seed and batches give sklearn's averaged weights, not the last iterate
-    import scipy.sparse as sp
     from sklearn.linear_model import SGDClassifier
 
-    X = sp.random(60, 64, density=0.2, format="csr", random_state=2, dtype=np.float32)
-    y = (np.asarray(X[:, :8].sum(1)).ravel() > 0.5).astype(np.int64)
-
-    def batches(ep: int):  # type: ignore[no-untyped-def]
-        p = np.random.default_rng(ep).permutation(len(y))
-        for i in range(0, len(p), 20):
-            yield X[p[i : i + 20]], y[p[i : i + 20]]
-
+    batches = _sparse_batches(2)
     assert TrainConfig().average
     cfg = TrainConfig(n_features=64, epochs=3, ensemble=1, seed=0, ham_weight=1.0)
     coef, b = fit_sgd(batches, 64, cfg)
