@@ -100,6 +100,41 @@ def test_mmh3_indices_equal_sklearn_featurehasher() -> None:
         assert list(ref.indices) == list(token_indices(toks, n))
 
 
+def test_deferred_ngrams_hash_to_the_columns_of_the_listed_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Serving names each word's n-grams (``defer_grams``) instead of listing them; the
+    columns must be exactly those of the listed tokens training hashes, also when the
+    per-word hash cache fills and is cleared mid-message."""
+    import random
+
+    from filterd.classify import hashing
+
+    monkeypatch.setattr(hashing, "_WORD_GRAM_HASHES_MAX", 7)
+    rnd = random.Random(5)
+    alphabet = "abcdefghij01345$_'\u00e9\u0436 "
+    texts = [
+        "v1agra cheap m3ds $ave big_word x " + "a" * 25 + " caf\u00e9 \u0436\u0443\u043a",
+        *("".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 400))) for _ in range(40)),
+    ]
+    raws = [_spam_plain().as_bytes(), _spam_html().as_bytes()] + [
+        MIMEText(t, "plain", "utf-8").as_bytes() for t in texts
+    ]
+    for n in (2**16, 2**20):
+        for raw in raws:
+            listed = extract_features(raw)
+            named = extract_features(raw, defer_grams=True)
+            assert named.gram_words is not None
+            assert not [t for t in named if t.startswith("g:")]
+            assert [t for t in listed if not t.startswith("g:")] == list(named)
+            assert list(token_indices(named, n, named.gram_words)) == list(
+                token_indices(listed, n)
+            )
+    m = _shipped()
+    for raw in raws:
+        assert m.score(raw) == m.score_tokens(extract_features(raw))
+
+
 def _tiny_model(tmp: Path, n: int = 2**16, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     coef = rng.normal(0, 2.0, n)

@@ -586,7 +586,7 @@ _GRAM_CACHE: dict[str, tuple[str, ...]] = {}
 _GRAM_CACHE_MAX = 20_000
 
 
-def _word_grams(w: str) -> tuple[str, ...]:
+def word_grams(w: str) -> tuple[str, ...]:
     lo, hi = CHAR_NGRAM
     if not w.isalpha():
         w = w.translate(_LEET)
@@ -605,6 +605,11 @@ def _char_ngrams(words: Iterable[str], toks: list[str]) -> None:
     tokens; distinct words only, since the model reads presence, not counts.  Words recur across
     messages (Zipf), so each word's n-grams are remembered: the serving cost is a dict lookup.
     """
+    if isinstance(toks, Tokens) and toks.gram_words is not None:
+        # Serving: the hasher takes each word's n-gram hashes from its own cache, so the
+        # n-gram strings are never built per message (``hashing.token_indices``).
+        toks.gram_words.update(w for w in words if 2 <= len(w) <= 20 and w[0] != "_")
+        return
     cache = _GRAM_CACHE
     grams: set[str] = set()
     for w in words if isinstance(words, set) else set(words):
@@ -614,7 +619,7 @@ def _char_ngrams(words: Iterable[str], toks: list[str]) -> None:
         if g is None:
             if len(cache) >= _GRAM_CACHE_MAX:
                 cache.clear()
-            g = cache[w] = _word_grams(w)
+            g = cache[w] = word_grams(w)
         grams.update(g)
     toks.extend(grams)
 
@@ -934,12 +939,16 @@ class Tokens(list[str]):
     """The token list, plus ``evidence``: distinct body and subject words (``w:``/``s:``).
 
     Counted while tokenising, so scoring need not scan thousands of tokens again.
+    ``gram_words`` (serving only, ``defer_grams``): the words whose ``g:`` character
+    n-grams belong to the message but were left out of the list; about four in five
+    tokens are n-grams, and the hasher has them per word already.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, defer_grams: bool = False) -> None:
         super().__init__()
         self.body_words: set[str] = set()
         self.subject_words: set[str] = set()
+        self.gram_words: set[str] | None = set() if defer_grams else None
 
     @property
     def evidence(self) -> int:
@@ -950,16 +959,19 @@ def count_evidence(tokens: Iterable[str]) -> int:
     return len({t for t in tokens if t.startswith(("w:", "s:"))})
 
 
-def extract_features(raw: bytes | email.message.Message, raw_size: int | None = None) -> Tokens:
+def extract_features(
+    raw: bytes | email.message.Message, raw_size: int | None = None, defer_grams: bool = False
+) -> Tokens:
     """Message bytes (or a parsed Message) -> feature tokens (with repetitions).
 
     For a parsed message pass ``raw_size`` (its size in bytes counting CRLF as one byte) to get the
-    same tokens as from its bytes; the headers are not parsed again.
+    same tokens as from its bytes; the headers are not parsed again. ``defer_grams`` (serving):
+    the character n-grams are named by their words in ``Tokens.gram_words`` instead of listed.
 
     Never raises: on an unexpected internal error the tokens gathered so far are returned with
     an ``x:`` marker token.
     """
-    toks = Tokens()
+    toks = Tokens(defer_grams)
     try:
         if isinstance(raw, email.message.Message):
             msg = raw

@@ -29,17 +29,53 @@ def _h(token: str) -> int:
         return int(mmh3.hash(token.encode("utf-8", "surrogatepass")))
 
 
-def token_indices(tokens: Iterable[str], n_features: int) -> np.ndarray:
-    """Sorted unique column indices (int64) of ``tokens``.
+def _hashes(tokens: Iterable[str]) -> np.ndarray:
+    uniq = set(tokens)
+    try:
+        return np.fromiter(map(mmh3.hash, uniq), dtype=np.int64, count=len(uniq))
+    except UnicodeEncodeError:
+        return np.fromiter(map(_h, uniq), dtype=np.int64, count=len(uniq))
+
+
+_WORD_GRAM_HASHES: dict[str, np.ndarray] = {}
+# Distinct words remembered (about 0.3 KB each); cleared when full, like the n-gram cache.
+_WORD_GRAM_HASHES_MAX = 20_000
+
+
+def word_gram_hashes(words: Iterable[str]) -> list[np.ndarray]:
+    """The signed hashes of each word's ``g:`` n-gram tokens, remembered per word.
+
+    Words recur across messages (Zipf), so a message's n-grams -- four in five of its
+    tokens -- cost a dict lookup per word instead of a string and a hash per n-gram.
+    """
+    from filterd.classify.features import word_grams
+
+    cache = _WORD_GRAM_HASHES
+    out: list[np.ndarray] = []
+    for w in words:
+        h = cache.get(w)
+        if h is None:
+            if len(cache) >= _WORD_GRAM_HASHES_MAX:
+                cache.clear()
+            h = cache[w] = _hashes(word_grams(w))
+        out.append(h)
+    return out
+
+
+def token_indices(
+    tokens: Iterable[str], n_features: int, gram_words: Iterable[str] = ()
+) -> np.ndarray:
+    """Sorted unique column indices (int64) of ``tokens`` plus the n-grams of ``gram_words``.
 
     ``mmh3.hash`` with its defaults is seed 0, signed; ``map`` over it and a sort-based
     de-duplication are several times faster than a list comprehension and ``np.unique``.
+    ``gram_words`` (``Tokens.gram_words`` of a serving extraction) gives the same indices
+    as listing those words' n-gram tokens in ``tokens``.
     """
-    uniq = set(tokens)
-    try:
-        a = np.fromiter(map(mmh3.hash, uniq), dtype=np.int64, count=len(uniq))
-    except UnicodeEncodeError:
-        a = np.fromiter(map(_h, uniq), dtype=np.int64, count=len(uniq))
+    a = _hashes(tokens)
+    grams = word_gram_hashes(gram_words)
+    if grams:
+        a = np.concatenate([a, *grams])
     # abs() in int64 maps -2**31 to 2**31; sklearn's special case gives the same remainder.
     np.abs(a, out=a)
     a %= n_features

@@ -185,7 +185,8 @@ class SpamModel:
         return np.asarray(z)
 
     def logit_tokens(self, tokens: Sequence[str]) -> float:
-        idx = token_indices(tokens, self.n_features)
+        deferred = tokens.gram_words if isinstance(tokens, Tokens) else None
+        idx = token_indices(tokens, self.n_features, deferred or ())
         z = float(self._w[idx].sum(dtype=np.float64)) * row_value(idx.size) + self._b
         if self.full_words > 0:
             z = float(shrink(z, evidence_of(tokens), self.full_words, self.prior_logit))
@@ -199,7 +200,7 @@ class SpamModel:
 
         Never raises on message content.  Imports neither scikit-learn nor scipy.
         """
-        return self.score_tokens(extract_features(raw, raw_size))
+        return self.score_tokens(extract_features(raw, raw_size, defer_grams=True))
 
     def score_many(self, raws: Iterable[bytes]) -> np.ndarray:
         return np.array([self.score(r) for r in raws], dtype=np.float64)
