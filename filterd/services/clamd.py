@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Self
 
@@ -124,18 +123,10 @@ class ClamdServer(_PortOrSocketServer):
         return [_find_program("clamd"), f"--config-file={self.config_path}"]
 
     def _probe(self) -> bool:
-        if self.socket_path is not None:
-            if not self.socket_path.exists():
-                return False
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target: str | tuple[str, int] = str(self.socket_path)
-        else:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            target = (LOOPBACK, self._port)
+        sock = self._ask(b"zPING\0", 2.0)
+        if sock is None:
+            return False
         with sock:
-            sock.settimeout(2.0)
-            sock.connect(target)
-            sock.sendall(b"zPING\0")
             reply = b""
             while not reply.endswith(b"\0"):
                 chunk = sock.recv(64)

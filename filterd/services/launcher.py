@@ -452,6 +452,26 @@ class _PortOrSocketServer(_ChildServer):
         if self.socket_path is not None:
             self.socket_path.unlink(missing_ok=True)
 
+    def _ask(self, request: bytes, timeout: float) -> socket.socket | None:
+        """Connect to the server's address and send ``request``; None while the socket
+        file does not exist yet. The caller reads the reply and closes the socket."""
+        if self.socket_path is not None:
+            if not self.socket_path.exists():
+                return None
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target: str | tuple[str, int] = str(self.socket_path)
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            target = (LOOPBACK, self._port)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(target)
+            sock.sendall(request)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
 
 def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM when the parent dies (Linux PR_SET_PDEATHSIG)."""

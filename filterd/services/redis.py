@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 from filterd.services.addresses import REDIS_SOCKET, redis_unix_url
@@ -72,16 +71,8 @@ class RedisServer(_PortOrSocketServer):
         return cmd
 
     def _probe(self) -> bool:
-        if self.socket_path is not None:
-            if not self.socket_path.exists():
-                return False
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target: str | tuple[str, int] = str(self.socket_path)
-        else:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            target = (LOOPBACK, self._port)
+        sock = self._ask(b"PING\r\n", 1.0)
+        if sock is None:
+            return False
         with sock:
-            sock.settimeout(1.0)
-            sock.connect(target)
-            sock.sendall(b"PING\r\n")
             return _read_line(sock).startswith(b"+PONG")
