@@ -87,23 +87,21 @@ def _resolve_model(spec: str, models_dir: str | None) -> Path:
     return registry.models_dir(models_dir) / registry.check_name(spec)
 
 
+def _sources(label: str, required: bool = True, text: str | None = None):  # type: ignore[no-untyped-def]
+    """The repeatable ``--ham`` / ``--spam`` option of train, evaluate and calibrate."""
+    return click.option(
+        f"--{label}",
+        label,
+        multiple=True,
+        required=required,
+        type=click.Path(exists=True),
+        help=text or f"{label.capitalize()} source: maildir, mbox file or directory (repeatable).",
+    )
+
+
 @click.command("train")
-@click.option(
-    "--ham",
-    "ham",
-    multiple=True,
-    required=True,
-    type=click.Path(exists=True),
-    help="Ham source: maildir, mbox file or directory of messages (repeatable).",
-)
-@click.option(
-    "--spam",
-    "spam",
-    multiple=True,
-    required=True,
-    type=click.Path(exists=True),
-    help="Spam source: maildir, mbox file or directory of messages (repeatable).",
-)
+@_sources("ham")
+@_sources("spam")
 @click.option(
     "--out",
     "out",
@@ -260,8 +258,8 @@ def train(  # type: ignore[no-untyped-def]
 
 @click.command("evaluate")
 @click.argument("model_spec", metavar="MODEL")
-@click.option("--ham", "ham", multiple=True, required=True, type=click.Path(exists=True))
-@click.option("--spam", "spam", multiple=True, required=True, type=click.Path(exists=True))
+@_sources("ham")
+@_sources("spam")
 @click.option(
     "--roc-png", default=None, type=click.Path(dir_okay=False), help="Write a ROC curve PNG here."
 )
@@ -316,15 +314,8 @@ def evaluate(model_spec, ham, spam, roc_png, as_json, progress, models_dir, conf
 
 @click.command("calibrate")
 @click.argument("model_spec", metavar="NAME")
-@click.option(
-    "--ham",
-    "ham",
-    multiple=True,
-    required=True,
-    type=click.Path(exists=True),
-    help="Your own ham (maildir, mbox or directory; repeatable). Only scores are kept.",
-)
-@click.option("--spam", "spam", multiple=True, type=click.Path(exists=True))
+@_sources("ham", text="Your own ham (maildir, mbox or directory; repeatable); only scores kept.")
+@_sources("spam", required=False)
 @click.option(
     "--fpr",
     default=0.001,
