@@ -96,7 +96,37 @@ def utc_day(now: float) -> str:
     return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
 
 
-class RecordsObserver:
+class _JobObserver:
+    """The runtime's observer callbacks: turn a decision into a job, hand it on.
+
+    ``_take`` writes it now (``RecordsObserver``) or queues it (``BackgroundObserver``);
+    a failure is counted and logged, never raised: records must never affect mail.
+    """
+
+    def on_recipient(self, envelope: Envelope, decision: RecipientDecision) -> None:
+        """A recipient refused or deferred at RCPT time (accepted ones are skipped)."""
+        try:
+            job = RecordsObserver.recipient_job(envelope, decision)
+            if job is not None:
+                self._take(job)
+        except Exception as exc:  # noqa: BLE001 - records must never affect mail
+            self._failed(exc)
+
+    def on_message(self, message: Message, decision: Decision) -> None:
+        """End of message: ``message.envelope.recipients`` are the accepted ones."""
+        try:
+            self._take(RecordsObserver.message_job(message, decision))
+        except Exception as exc:  # noqa: BLE001 - records must never affect mail
+            self._failed(exc)
+
+    def _take(self, job: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _failed(self, exc: Exception) -> None:
+        raise NotImplementedError
+
+
+class RecordsObserver(_JobObserver):
     """Thread-safe; ``written`` and ``failures`` count callbacks since start-up."""
 
     def __init__(
@@ -145,21 +175,8 @@ class RecordsObserver:
             "message_id": message_id(message),
         }
 
-    def on_recipient(self, envelope: Envelope, decision: RecipientDecision) -> None:
-        """A recipient refused or deferred at RCPT time (accepted ones are skipped)."""
-        try:
-            job = self.recipient_job(envelope, decision)
-            if job is not None:
-                self.write(job)
-        except Exception as exc:  # noqa: BLE001 - records must never affect mail
-            self._failed(exc)
-
-    def on_message(self, message: Message, decision: Decision) -> None:
-        """End of message: ``message.envelope.recipients`` are the accepted ones."""
-        try:
-            self.write(self.message_job(message, decision))
-        except Exception as exc:  # noqa: BLE001 - records must never affect mail
-            self._failed(exc)
+    def _take(self, job: dict[str, Any]) -> None:
+        self.write(job)
 
     def write(self, job: dict[str, Any]) -> list[tuple[str, float]]:
         """Write one job; returns the index keys written with their oldest entry's due time."""
@@ -248,7 +265,7 @@ class RecordsObserver:
         )
 
 
-class BackgroundObserver:
+class BackgroundObserver(_JobObserver):
     """Runs a ``RecordsObserver``'s Redis writes in one background thread.
 
     The callbacks only compute the entry (cheap, no I/O) and put it on a bounded
@@ -284,21 +301,10 @@ class BackgroundObserver:
     def pending(self) -> int:
         return self._queue.qsize()
 
-    def on_recipient(self, envelope: Envelope, decision: RecipientDecision) -> None:
-        try:
-            job = RecordsObserver.recipient_job(envelope, decision)
-            if job is not None:
-                self._put(job)
-        except Exception as exc:  # noqa: BLE001 - records must never affect mail
-            self.inner._failed(exc)
+    def _failed(self, exc: Exception) -> None:
+        self.inner._failed(exc)
 
-    def on_message(self, message: Message, decision: Decision) -> None:
-        try:
-            self._put(RecordsObserver.message_job(message, decision))
-        except Exception as exc:  # noqa: BLE001 - records must never affect mail
-            self.inner._failed(exc)
-
-    def _put(self, job: dict[str, Any]) -> None:
+    def _take(self, job: dict[str, Any]) -> None:
         job["now"] = self.inner.clock()
         try:
             self._queue.put_nowait(job)
