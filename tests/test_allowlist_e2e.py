@@ -28,6 +28,7 @@ from tests.servers import (
     make_reachable,
     project_signature_dir,
     send_mail,
+    zen_dnsbl,
 )
 
 pytestmark = pytest.mark.e2e
@@ -71,17 +72,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 },
                 "allowlist": {"site_files": [str(site)], "sender_auth": "strict"},
                 "clamav": {"address": clamd.address, "timeout": 5.0},
-                "dnsbl": {
-                    "nameservers": rbl.nameserver,
-                    "skip_private": False,
-                    "lists": [
-                        {
-                            "id": "ZEN",
-                            "zone": "zen.test",
-                            "rules": [{"name": "SBL", "match": "127.0.0.2", "weight": 10}],
-                        }
-                    ],
-                },
+                "dnsbl": zen_dnsbl(rbl.nameserver),
                 "uribl": {
                     "nameservers": rbl.nameserver,
                     "lists": [

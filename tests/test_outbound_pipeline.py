@@ -16,7 +16,7 @@ from filterd.settings import load_settings
 from filterd.types import Envelope
 from tests.conftest import RbldnsdFactory
 from tests.helpers_daemon import write_config
-from tests.servers import RedisServer, make_reachable
+from tests.servers import RedisServer, make_reachable, zen_dnsbl
 from tests.test_outbound_e2e import SPAM as SPAM_MESSAGE
 
 pytestmark = pytest.mark.integration
@@ -37,17 +37,7 @@ def _runtime(tmp_path: Path, redis_url: str, rbl: Any, **outbound: Any) -> Runti
                 "message_checks": ["allowlist", "classifier"],
             },
             "allowlist": {"site_files": [str(site)], "sender_auth": "envelope"},
-            "dnsbl": {
-                "nameservers": rbl.nameserver,
-                "skip_private": False,
-                "lists": [
-                    {
-                        "id": "ZEN",
-                        "zone": "zen.test",
-                        "rules": [{"name": "SBL", "match": "127.0.0.2", "weight": 10}],
-                    }
-                ],
-            },
+            "dnsbl": zen_dnsbl(rbl.nameserver),
             "outbound": {"reject_threshold": 0.9, **outbound},
         },
     )
@@ -138,9 +128,7 @@ def test_unauthenticated_outbound_service_is_limited_per_ip(
         assert pipeline.judge_recipient(env, "b@example.net", None).action.value == "accept"
         second = pipeline.judge_recipient(env, "b@example.net", None)
         assert second.action.value == "tempfail" and second.reply is not None
-        assert str(second.reply).startswith(
-            "450 4.7.1 Sending limit reached (1 message per minute"
-        )
+        assert str(second.reply).startswith("450 4.7.1 Sending limit reached (1 message per minute")
         other = rt.outbound.prepare(Envelope(client_ip="10.9.8.6", daemon_name="webmail"))
         assert pipeline.judge_recipient(other, "b@example.net", None).action.value == "accept"
     finally:

@@ -28,6 +28,7 @@ from tests.servers import (
     make_reachable,
     project_signature_dir,
     send_mail,
+    zen_dnsbl,
 )
 
 pytestmark = pytest.mark.e2e
@@ -72,22 +73,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                     "message_checks": ["allowlist", "antivirus", "attachments", "classifier"],
                 },
                 "allowlist": {"site_files": []},
-                "dnsbl": {
-                    "nameservers": rbl.nameserver,
-                    "skip_private": False,
-                    "lists": [
-                        {
-                            "id": "ZEN",
-                            "zone": "zen.test",
-                            "rules": [{"name": "SBL", "match": "127.0.0.2", "weight": 10}],
-                        },
-                        {  # not served by rbldnsd: every lookup is a list error
-                            "id": "BROKEN",
-                            "zone": "unserved.test",
-                            "rules": [{"name": "HIT", "match": "127.0.0.2", "weight": 10}],
-                        },
-                    ],
-                },
+                "dnsbl": zen_dnsbl(
+                    rbl.nameserver,
+                    # not served by rbldnsd: every lookup is a list error
+                    {
+                        "id": "BROKEN",
+                        "zone": "unserved.test",
+                        "rules": [{"name": "HIT", "match": "127.0.0.2", "weight": 10}],
+                    },
+                ),
                 "metrics": {"listen": f"127.0.0.1:{port}", "health_interval_seconds": 0.3},
             },
         )

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import eicar_bytes
 from tests.helpers_daemon import ROOT, filtered_postfix, write_config
-from tests.servers import RbldnsdServer, SmtpSink, make_reachable, send_mail
+from tests.servers import RbldnsdServer, SmtpSink, make_reachable, send_mail, zen_dnsbl
 
 pytestmark = pytest.mark.e2e
 
@@ -53,17 +53,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 "records": {"enabled": False},
                 "metrics": {"enabled": False},
                 "allowlist": {"site_files": []},
-                "dnsbl": {
-                    "nameservers": rbl.nameserver,
-                    "skip_private": False,
-                    "lists": [
-                        {
-                            "id": "ZEN",
-                            "zone": "zen.test",
-                            "rules": [{"name": "SBL", "match": "127.0.0.2", "weight": 10}],
-                        }
-                    ],
-                },
+                "dnsbl": zen_dnsbl(rbl.nameserver),
                 "uribl": {"enabled": False},
             },
         )

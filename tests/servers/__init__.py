@@ -48,7 +48,7 @@ from filterd.services.launcher import (
     wait_for_tcp,
 )
 from filterd.services.redis import RedisServer
-from tests.servers.config import toml_value, write_config
+from tests.servers.config import toml_value, write_config, zen_dnsbl
 from tests.servers.postfix import PostfixServer
 from tests.servers.rbldnsd import DnsQuery, RbldnsdServer, SilentUdpServer
 from tests.servers.smtp import SinkMessage, SmtpReply, SmtpResult, SmtpSink, send_mail
@@ -80,4 +80,5 @@ __all__ = [
     "toml_value",
     "wait_for_tcp",
     "write_config",
+    "zen_dnsbl",
 ]

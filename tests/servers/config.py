@@ -29,3 +29,14 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
         lines.append("")
     path.write_text("\n".join(lines))
     return path
+
+
+def zen_dnsbl(nameserver: str, *more_lists: dict[str, Any]) -> dict[str, Any]:
+    """The ``[dnsbl]`` section most end-to-end tests use: list ZEN on the test rbldnsd
+    (zone zen.test, 127.0.0.2 = SBL, weight 10), private addresses not skipped."""
+    zen = {
+        "id": "ZEN",
+        "zone": "zen.test",
+        "rules": [{"name": "SBL", "match": "127.0.0.2", "weight": 10}],
+    }
+    return {"nameservers": nameserver, "skip_private": False, "lists": [zen, *more_lists]}
