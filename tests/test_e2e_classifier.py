@@ -20,8 +20,9 @@ from tests.test_classify import SMALL_CFG, _msg, make_corpus
 pytestmark = pytest.mark.e2e
 
 
-def test_promote_under_load_every_message_gets_a_verdict(tmp_path: Path) -> None:
-    base = make_reachable(tmp_path)
+def shipped_and_tiny(base: Path) -> Path:
+    """A models dir holding the shipped model (ACTIVE) and "tiny", trained on a small corpus
+    that is easy to separate: promoting it changes every verdict a test can see."""
     models = base / "models"
     shipped = registry.active_name(PROJECT_ROOT / "models")
     assert shipped, "the repository ships an active default model"
@@ -34,6 +35,12 @@ def test_promote_under_load_every_message_gets_a_verdict(tmp_path: Path) -> None
         models / "tiny",
         SMALL_CFG,
     )
+    return models
+
+
+def test_promote_under_load_every_message_gets_a_verdict(tmp_path: Path) -> None:
+    base = make_reachable(tmp_path)
+    models = shipped_and_tiny(base)
 
     cfg = write_config(
         base / "filterd.toml",

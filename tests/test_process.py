@@ -349,26 +349,13 @@ def test_sighup_reaches_every_worker_under_traffic(stack, clamd_server: ClamdSer
 
 def test_model_promote_reaches_every_worker(tmp_path: Path) -> None:
     import random
-    import shutil
 
     from filterd.classify import registry
-    from filterd.classify.train import train
-    from filterd.settings import PROJECT_ROOT
-    from tests.test_classify import SMALL_CFG, _msg, make_corpus
+    from tests.test_classify import _msg
+    from tests.test_e2e_classifier import shipped_and_tiny
 
     base = make_reachable(tmp_path)
-    models = base / "models"
-    shipped = registry.active_name(PROJECT_ROOT / "models")
-    assert shipped
-    shutil.copytree(PROJECT_ROOT / "models" / shipped, models / shipped)
-    registry.promote(models, shipped)
-    corpus = make_corpus(base / "corpus")
-    train(
-        [corpus["ham_md"], corpus["ham_plain"]],
-        [corpus["spam_mbox"], corpus["spam_plain"]],
-        models / "tiny",
-        SMALL_CFG,
-    )
+    models = shipped_and_tiny(base)
     cfg = write_config(
         base / "filterd.toml",
         {
