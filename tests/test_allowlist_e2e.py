@@ -25,6 +25,7 @@ from tests.servers import (
     RbldnsdServer,
     RedisServer,
     SmtpSink,
+    dbl_uribl,
     make_reachable,
     project_signature_dir,
     send_mail,
@@ -73,18 +74,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 "allowlist": {"site_files": [str(site)], "sender_auth": "strict"},
                 "clamav": {"address": clamd.address, "timeout": 5.0},
                 "dnsbl": zen_dnsbl(rbl.nameserver),
-                "uribl": {
-                    "nameservers": rbl.nameserver,
-                    "lists": [
-                        {
-                            "id": "DBL",
-                            "zone": "dbl.test",
-                            "type": "domain",
-                            "test_entry": "dbltest.com",
-                            "rules": [{"name": "SPAM", "match": "127.0.1.2", "weight": 10}],
-                        }
-                    ],
-                },
+                "uribl": dbl_uribl(rbl.nameserver),
             },
         )
         with filtered_postfix(base, cfg, sink.port) as (daemon, postfix):

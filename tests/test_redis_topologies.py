@@ -54,7 +54,7 @@ from filterd.records.writer import RecordWriter
 from filterd.settings import ConfigError, Settings, load_settings
 from filterd.types import Action, Decision, Envelope, Message, RecipientDecision, SmtpReply
 from tests.redis_topology import RedisClusterGroup
-from tests.servers import RedisServer, make_reachable
+from tests.servers import RedisServer, dbl_uribl, make_reachable
 
 pytestmark = pytest.mark.integration
 
@@ -670,18 +670,7 @@ def sentinel_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
                     "message_checks": ["allowlist", "uribl"],
                 },
                 "allowlist": {"site_files": [str(site)]},
-                "uribl": {
-                    "nameservers": rbl.nameserver,
-                    "lists": [
-                        {
-                            "id": "DBL",
-                            "zone": "dbl.test",
-                            "type": "domain",
-                            "test_entry": "dbltest.com",
-                            "rules": [{"name": "SPAM", "match": "127.0.1.2", "weight": 10}],
-                        }
-                    ],
-                },
+                "uribl": dbl_uribl(rbl.nameserver),
             },
         )
         api_port = free_port()
@@ -1023,18 +1012,7 @@ def test_the_daemon_on_a_cluster_filters_honours_lists_and_records(
                     "message_checks": ["allowlist", "uribl"],
                 },
                 "allowlist": {"site_files": []},
-                "uribl": {
-                    "nameservers": rbl.nameserver,
-                    "lists": [
-                        {
-                            "id": "DBL",
-                            "zone": "dbl.test",
-                            "type": "domain",
-                            "test_entry": "dbltest.com",
-                            "rules": [{"name": "SPAM", "match": "127.0.1.2", "weight": 10}],
-                        }
-                    ],
-                },
+                "uribl": dbl_uribl(rbl.nameserver),
             },
         )
         with (

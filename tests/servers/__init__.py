@@ -48,7 +48,7 @@ from filterd.services.launcher import (
     wait_for_tcp,
 )
 from filterd.services.redis import RedisServer
-from tests.servers.config import toml_value, write_config, zen_dnsbl
+from tests.servers.config import dbl_uribl, toml_value, write_config, zen_dnsbl
 from tests.servers.postfix import PostfixServer
 from tests.servers.rbldnsd import DnsQuery, RbldnsdServer, SilentUdpServer
 from tests.servers.smtp import SinkMessage, SmtpReply, SmtpResult, SmtpSink, send_mail
@@ -73,6 +73,7 @@ __all__ = [
     "SmtpReply",
     "SmtpResult",
     "SmtpSink",
+    "dbl_uribl",
     "free_port",
     "make_reachable",
     "project_signature_dir",

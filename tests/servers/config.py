@@ -40,3 +40,16 @@ def zen_dnsbl(nameserver: str, *more_lists: dict[str, Any]) -> dict[str, Any]:
         "rules": [{"name": "SBL", "match": "127.0.0.2", "weight": 10}],
     }
     return {"nameservers": nameserver, "skip_private": False, "lists": [zen, *more_lists]}
+
+
+def dbl_uribl(nameserver: str) -> dict[str, Any]:
+    """The ``[uribl]`` section of the end-to-end tests: list DBL on the test rbldnsd
+    (zone dbl.test, 127.0.1.2 = SPAM, weight 10; dbltest.com its test entry)."""
+    dbl = {
+        "id": "DBL",
+        "zone": "dbl.test",
+        "type": "domain",
+        "test_entry": "dbltest.com",
+        "rules": [{"name": "SPAM", "match": "127.0.1.2", "weight": 10}],
+    }
+    return {"nameservers": nameserver, "lists": [dbl]}
