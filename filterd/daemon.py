@@ -52,8 +52,11 @@ class Worker:
     both make libmilter abandon sessions that sit between two commands.
     """
 
-    def __init__(self, config: Path | None, conn: str, listen_fd: int) -> None:
+    def __init__(
+        self, config: Path | None, conn: str, listen_fd: int, selftest: bool = True
+    ) -> None:
         self.config = config
+        self.selftest = selftest  # the supervisor's one reporting worker
         self.conn = conn
         self.listen_fd = listen_fd
         self._idle = socket.socketpair()
@@ -83,7 +86,8 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - reported; the supervisor decides
             log.error("worker cannot start: %s", exc)
             return EXIT_CONFIG
-        _selftest(runtime)
+        if self.selftest:
+            _selftest(runtime)
         holder = adapter.RuntimeHolder(runtime)
         adapter.install(holder)
         metrics.watch(holder)
@@ -132,7 +136,8 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - keep serving with the old rules
             log.error("reload failed; keeping the running configuration: %s", exc)
             return
-        _selftest(runtime)
+        if self.selftest:
+            _selftest(runtime)
         holder.swap(runtime).retire()
         log.info("configuration reloaded")
 

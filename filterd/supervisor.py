@@ -443,6 +443,10 @@ class Supervisor:
         self.log_filter = log_filter
         self.stop_requested = False
         self.children: dict[int, _Child] = {}
+        # The one worker that runs the checks' self-tests (at start and on reload): every
+        # worker builds the same Runtime, so N workers would log each warning N times and
+        # send every list's test query N times. Its replacement inherits the role.
+        self.reporter: int | None = None
         self.due: list[tuple[float, str]] = []  # (when, kind) of replacements to fork
         self.backoff = 0.0
         self.ever_ready = False
@@ -567,19 +571,24 @@ class Supervisor:
         return [c for c in self.children.values() if c.kind == "worker"]
 
     def _fork(self, kind: str) -> None:
+        reports = kind == "worker" and self.reporter not in self.children
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child never returns
-            self._child_main(kind)
+            self._child_main(kind, reports)
         self.children[pid] = _Child(pid, kind, time.monotonic())
+        if reports:
+            self.reporter = pid
 
-    def _child_main(self, kind: str) -> NoReturn:
+    def _child_main(self, kind: str, reports: bool) -> NoReturn:
         code = 1
         try:
             self.listener.close_duplicate()
             if kind == "worker":
                 from filterd.daemon import Worker
 
-                code = Worker(self.config, self.listener.conn, self.listener.fd).run()
+                code = Worker(
+                    self.config, self.listener.conn, self.listener.fd, selftest=reports
+                ).run()
             else:
                 # Holding the listener would keep it accepting after a drain.
                 with contextlib.suppress(OSError):

@@ -306,6 +306,35 @@ def _pid_of(line: str) -> int:
     return int(line.split('"pid": ', 1)[1].split(",", 1)[0].split("}", 1)[0])
 
 
+def test_one_worker_reports_the_self_tests_and_its_replacement_takes_over(
+    tmp_path: Path, clamd_server: ClamdServer
+) -> None:
+    """N workers build the same checks: their self-test warnings are logged once, not N
+    times, and a killed reporting worker's replacement reports in its place."""
+    from tests.servers import free_port, zen_dnsbl
+
+    base = make_reachable(tmp_path)
+    dead_dns = f"127.0.0.1:{free_port('udp')}"  # nothing listens: every test query fails
+    cfg = config(
+        base, clamd_server, pipeline={"recipient_checks": ["dnsbl"]}, dnsbl=zen_dnsbl(dead_dns)
+    )
+    with DaemonProcess(base / "d", cfg) as daemon:
+        wait_for(lambda: len(_lines(daemon, "worker serving")) == 2, 10, "two workers")
+        reported = {_pid_of(x) for x in _lines(daemon, "check self-test: dnsbl list ZEN")}
+        assert len(reported) == 1 and reported <= set(worker_pids(daemon)), reported
+        (reporter,) = reported
+        mark = len(daemon.log())
+        os.kill(reporter, signal.SIGKILL)
+        wait_for(
+            lambda: bool(_lines(daemon, "check self-test: dnsbl list ZEN", mark)),
+            10,
+            "the replacement's self-test",
+        )
+        wait_for(lambda: len(worker_pids(daemon)) == 2, 10, "a replacement worker")
+        again = {_pid_of(x) for x in _lines(daemon, "check self-test: dnsbl list ZEN", mark)}
+        assert len(again) == 1 and reporter not in again and again <= set(worker_pids(daemon))
+
+
 def test_sighup_reaches_every_worker_under_traffic(stack, clamd_server: ClamdServer) -> None:
     base, daemon, postfix, _sink = stack
     pids = worker_pids(daemon)
