@@ -8,6 +8,7 @@ from filterd.classify import features as F
 
 _PIECES = [*"abcXYZ019@.:/-+_ w\t\n<>\"'()[]{}", "://", "www.", "WWW.", "http://", "https://a.b"]
 _PIECES += ["ftp://", "@x.com", "a@b.c@d.e", "\u017f", "é", "\u00a0", "\u2028", "Ⅻ", "İ", "K"]
+_PIECES += ["Www.", "HTTP://", "\n>", "\n \n>", " >", "\r>", "\x1c>", "\u0436", "\u200b", "don't"]
 
 
 def _samples(n: int) -> list[str]:
@@ -60,3 +61,42 @@ def test_html_scans_skipped_by_their_literal_guards_still_fire_in_any_case() -> 
     plain: list[str] = []
     F.html_to_text("<p>just words, no styling</p>", plain, [])
     assert not {"o:html_hidden", "o:html_tinyfont", "o:html_white", "t:meta_refresh"} & set(plain)
+
+
+def test_urls_read_from_the_runs_around_markers_equal_a_full_scan() -> None:
+    """``_text_urls`` finds what ``_URL_TEXT_RE.finditer`` finds, in order, any case,
+    also when lower-casing changes the text's length (U+0130)."""
+    long = "x" * 70 + "WwW." + "y" * 600 + " HTTPS://" + "z" * 700 + "http://q www.r"
+    for text in [*_samples(20000), long, "İ www.a.example İ http://b"]:
+        want = [m.group(0) for m in F._URL_TEXT_RE.finditer(text)]
+        assert list(F._text_urls(text)) == want, text
+
+
+def test_quoted_line_count_equals_the_multiline_regex() -> None:
+    for text in [*_samples(20000), "a\n\n  \n> b\n>c\nd > e\n\t>"]:
+        assert F._quoted_lines(text) == len(F._QUOTED_RE.findall(text)), text
+
+
+def test_word_features_equal_the_per_word_rules() -> None:
+    """The set-based word mapping and letter-digit count give the per-word results."""
+    for text in [*_samples(3000), "abc " * 3 + "a1 a1 b2 123 " + "q" * 31 + " x9" * 40]:
+        toks = F.Tokens()
+        F._text_features(text, toks, 3000)
+        words = F._WORD_RE.findall(_masked(text))
+        want_words = {w if (len(w) <= 30 and w.isalpha()) else F._map_word(w) for w in words}
+        mix = sum(
+            1
+            for w in words
+            if not w.isalpha()
+            and len(w) <= 30
+            and not w.isdigit()
+            and any(c.isdigit() for c in w)
+            and any(c.isalpha() for c in w)
+        )
+        assert {t[2:] for t in toks if t.startswith("w:")} == want_words, text
+        assert f"o:alnum_mix={F._bucket(mix)}" in toks, text
+
+
+def _masked(text: str) -> str:
+    low = F._URL_TEXT_RE.sub(" _url_ ", text.lower())
+    return F._EMAIL_TEXT_RE.sub(" _email_ ", low)

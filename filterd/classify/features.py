@@ -33,9 +33,8 @@ import html
 import math
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from email import policy as _policy
-from itertools import filterfalse
 from typing import Any
 
 # Why these features (recorded in every model card; figures in bench/classifier_bench.py output).
@@ -434,19 +433,17 @@ _ASCII_LETTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _ASCII_UPPER = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-def _sub_in_runs(pattern: re.Pattern[str], repl: str, text: str, markers: tuple[str, ...]) -> str:
-    """``pattern.sub(repl, text)``, run only on the whitespace-free runs that hold a marker.
+def _runs(
+    text: str, markers: tuple[str, ...], find_in: str | None = None
+) -> Iterator[tuple[int, int]]:
+    """(start, end) of each whitespace-free run of ``text`` that holds one of ``markers``.
 
-    Exact when every match of ``pattern`` contains one of ``markers`` and no whitespace, and
-    the pattern looks at no character before its match other than through ``\\b`` (a run starts
-    after whitespace or at the start of the text: the same ``\\b`` either way). A scan of the
-    whole text costs ~0.3-0.6 ms per 10 KB even with nothing to replace; this reads only the
-    runs around the markers.
+    ``find_in`` (same length as ``text``, e.g. its lower-cased form) is where the markers are
+    looked for. A regex scan of a whole 10 KB text costs ~0.2-0.6 ms even when almost nothing
+    matches; the runs around the markers are usually a few dozen characters.
     """
-    hits = [i for i in (text.find(m) for m in markers) if i >= 0]
-    if not hits:
-        return text
-    out: list[str] = []
+    where = text if find_in is None else find_in
+    hits = [i for i in (where.find(m) for m in markers) if i >= 0]
     pos = 0
     n = len(text)
     while hits:
@@ -456,12 +453,47 @@ def _sub_in_runs(pattern: re.Pattern[str], repl: str, text: str, markers: tuple[
             start -= 1
         space = _SPACE_RE.search(text, at)
         end = space.start() if space is not None else n
+        yield start, end
+        pos = end
+        hits = [i for i in (where.find(m, pos) for m in markers) if i >= 0]
+
+
+def _sub_in_runs(pattern: re.Pattern[str], repl: str, text: str, markers: tuple[str, ...]) -> str:
+    """``pattern.sub(repl, text)``, run only on the whitespace-free runs that hold a marker.
+
+    Exact when every match of ``pattern`` contains one of ``markers`` and no whitespace, and
+    the pattern looks at no character before its match other than through ``\\b`` (a run starts
+    after whitespace or at the start of the text: the same ``\\b`` either way).
+    """
+    out: list[str] = []
+    pos = 0
+    for start, end in _runs(text, markers):
         out.append(text[pos:start])
         out.append(pattern.sub(repl, text[start:end]))
         pos = end
-        hits = [i for i in (text.find(m, pos) for m in markers) if i >= 0]
+    if not pos:
+        return text
     out.append(text[pos:])
     return "".join(out)
+
+
+def _text_urls(text: str) -> Iterator[str]:
+    """What ``_URL_TEXT_RE.finditer(text)`` finds, in order, reading only the runs around
+    "://" and "www." (any case).
+
+    Every match holds one of them and no whitespace (see :func:`_sub_in_runs`). The markers
+    are looked for in the lower-cased text, whose positions are the text's when lower-casing
+    kept its length; otherwise (a rare character such as U+0130 lower-cases to two) the whole
+    text is scanned.
+    """
+    low = text.lower()
+    if len(low) != len(text):
+        for m in _URL_TEXT_RE.finditer(text):
+            yield m.group(0)
+        return
+    for start, end in _runs(text, ("://", "www."), low):
+        for m in _URL_TEXT_RE.finditer(text[start:end]):
+            yield m.group(0)
 
 
 def _count_letters(head: str) -> tuple[int, int]:
@@ -586,6 +618,11 @@ _GRAM_CACHE: dict[str, tuple[str, ...]] = {}
 _GRAM_CACHE_MAX = 20_000
 
 
+def has_grams(w: str) -> bool:
+    """Whether a body word contributes ``g:`` n-grams (markers such as ``_url_`` do not)."""
+    return 2 <= len(w) <= 20 and w[0] != "_"
+
+
 def word_grams(w: str) -> tuple[str, ...]:
     lo, hi = CHAR_NGRAM
     if not w.isalpha():
@@ -607,13 +644,14 @@ def _char_ngrams(words: Iterable[str], toks: list[str]) -> None:
     """
     if isinstance(toks, Tokens) and toks.gram_words is not None:
         # Serving: the hasher takes each word's n-gram hashes from its own cache, so the
-        # n-gram strings are never built per message (``hashing.token_indices``).
-        toks.gram_words.update(w for w in words if 2 <= len(w) <= 20 and w[0] != "_")
+        # n-gram strings are never built per message (``hashing.token_indices``); it also
+        # applies ``has_grams``, once per word it has not seen.
+        toks.gram_words.update(words)
         return
     cache = _GRAM_CACHE
     grams: set[str] = set()
     for w in words if isinstance(words, set) else set(words):
-        if len(w) < 2 or len(w) > 20 or w[0] == "_":
+        if not has_grams(w):
             continue
         g = cache.get(w)
         if g is None:
@@ -629,9 +667,14 @@ def _text_features(text: str, toks: list[str], budget: int) -> int:
     head = text[:20000]
     letters, upper = _count_letters(head)
     toks.append(f"o:caps_ratio={_ratio_bucket(upper, letters)}")
-    if _ZERO_WIDTH_RE.search(text):
+    ascii_only = text.isascii()  # O(1) in CPython: no zero-width or Cyrillic characters
+    if not ascii_only and _ZERO_WIDTH_RE.search(text):
         toks.append("o:zero_width")
-    if _CYRILLIC_RE.search(text, 0, 50000) and _MIXED_SCRIPT_RE.search(text[:50000]):
+    if (
+        not ascii_only
+        and _CYRILLIC_RE.search(text, 0, 50000)
+        and _MIXED_SCRIPT_RE.search(text[:50000])
+    ):
         toks.append("o:mixed_script_word")
     nonascii = len(head) - len(head.encode("ascii", "ignore"))
     toks.append(f"o:nonascii_ratio={_ratio_bucket(nonascii, max(1, min(len(text), 20000)))}")
@@ -643,7 +686,7 @@ def _text_features(text: str, toks: list[str], budget: int) -> int:
     if "!!!" in text:
         toks.append("o:excl_run")
     lines = text.count("\n") + 1
-    quoted = len(_QUOTED_RE.findall(text[:100000])) if ">" in text else 0
+    quoted = _quoted_lines(text[:100000]) if ">" in text else 0
     toks.append(f"o:quoted_ratio={_ratio_bucket(quoted, lines)}")
 
     low = text.lower()
@@ -659,23 +702,39 @@ def _text_features(text: str, toks: list[str], budget: int) -> int:
     distinct = set(words)
     _char_ngrams(distinct, toks)
     # Presence, not counts: each distinct word is mapped once. Most words are short and
-    # alphabetic: they pass unchanged; the rest are mapped one by one.
-    uniq = {w if (len(w) <= 30 and w.isalpha()) else _map_word(w) for w in distinct}
-    # Counted over every word (repetitions count); alphabetic words never do, and
-    # filterfalse drops them in C.
-    alnum_mix = sum(
-        1
-        for w in filterfalse(str.isalpha, words)
+    # alphabetic: they pass unchanged (filtered in C); the rest are mapped one by one.
+    alpha = set(filter(str.isalpha, distinct))
+    others = distinct - alpha
+    if alpha and max(map(len, alpha)) > 30:
+        others |= {w for w in alpha if len(w) > 30}
+        alpha -= others
+    uniq = alpha | set(map(_map_word, others))
+    # Counted over every word (repetitions count); only a non-alphabetic distinct word can
+    # be a letter-digit mix, so the few mixes are found among those first.
+    mixes = {
+        w
+        for w in others
         if len(w) <= 30
         and not w.isdigit()
         and any(c.isdigit() for c in w)
         and any(c.isalpha() for c in w)
-    )
+    }
+    alnum_mix = sum(map(mixes.__contains__, words)) if mixes else 0
     toks.extend(["w:" + w for w in uniq])
     if isinstance(toks, Tokens):
         toks.body_words.update(uniq)
     toks.append(f"o:alnum_mix={_bucket(alnum_mix)}")
     return len(words)
+
+
+def _quoted_lines(text: str) -> int:
+    """``len(_QUOTED_RE.findall(text))`` (``^\\s*>``, multi-line) without a regex scan.
+
+    Each match ends at a ">" that is the first non-whitespace character of its line (``\\s*``
+    may cross blank lines, but then the line it starts on had no ">"), and each such line is
+    matched once: the count of lines whose first non-whitespace character is ">".
+    """
+    return sum(1 for line in text.split("\n") if line.lstrip().startswith(">"))
 
 
 def _map_word(w: str) -> str:
@@ -786,10 +845,29 @@ def _first_addr(value: str) -> tuple[str, str, str]:
     return display, m.group(1).strip("<\"'"), m.group(2).lower().strip("[]")
 
 
+class _FirstHeaders:
+    """``Message.get`` for the ~20 names read here, from one scan of the header list.
+
+    ``Message.get`` walks every header for each name (~30 in a delivered message).
+    """
+
+    def __init__(self, msg: email.message.Message) -> None:
+        self._policy = msg.policy
+        first: dict[str, tuple[str, Any]] = {}
+        for name, value in msg.raw_items():
+            first.setdefault(name.lower(), (name, value))
+        self._first = first
+
+    def get(self, name: str) -> Any:
+        hit = self._first.get(name.lower())
+        return None if hit is None else self._policy.header_fetch_parse(*hit)
+
+
 def _header_features(msg: email.message.Message, toks: list[str]) -> str:
     """Header features. Returns the From registered domain (for cross checks)."""
+    hdr = _FirstHeaders(msg)
     # Subject
-    subj_raw = msg.get("Subject")
+    subj_raw = hdr.get("Subject")
     if subj_raw is None:
         toks.append("h:no_subject")
     else:
@@ -802,7 +880,7 @@ def _header_features(msg: email.message.Message, toks: list[str]) -> str:
 
     # From
     from_rd = ""
-    from_raw = msg.get("From")
+    from_raw = hdr.get("From")
     if from_raw is None:
         toks.append("h:no_from")
     else:
@@ -834,7 +912,7 @@ def _header_features(msg: email.message.Message, toks: list[str]) -> str:
                     toks.append("fd:" + w)
 
     # Reply-To
-    rt = msg.get("Reply-To")
+    rt = hdr.get("Reply-To")
     if rt is not None:
         _, _, rdom = _first_addr(_header_text(rt)[0])
         rrd = _regdomain(rdom) if rdom else ""
@@ -845,7 +923,7 @@ def _header_features(msg: email.message.Message, toks: list[str]) -> str:
                 toks.append("h:reply_to_freemail")
 
     # Message-ID shape
-    mid = msg.get("Message-ID")
+    mid = hdr.get("Message-ID")
     if mid is None:
         toks.append("h:no_msgid")
     else:
@@ -868,7 +946,7 @@ def _header_features(msg: email.message.Message, toks: list[str]) -> str:
                 toks.append("h:msgid_matches_from")
 
     # Mailer
-    mailer = msg.get("X-Mailer") or msg.get("User-Agent")
+    mailer = hdr.get("X-Mailer") or hdr.get("User-Agent")
     if mailer is None:
         toks.append("h:no_mailer")
     else:
@@ -890,9 +968,9 @@ def _header_features(msg: email.message.Message, toks: list[str]) -> str:
         "Thread-Index",
         "X-MimeOLE",
     ):
-        if msg.get(name) is not None:
+        if hdr.get(name) is not None:
             toks.append("h:has:" + name.lower())
-    pri = msg.get("X-Priority")
+    pri = hdr.get("X-Priority")
     if pri is not None and str(pri).strip()[:1] in ("1", "2"):
         toks.append("h:high_priority")
     _header_name_features(msg, toks)
@@ -1088,10 +1166,10 @@ def _extract(msg: email.message.Message, toks: list[str]) -> None:
                 toks.append("o:html_in_plain")
         text = strip_list_footer(text)
         if "://" in text or "www." in text or "WWW." in text:
-            for m in _URL_TEXT_RE.finditer(text[:100000]):
+            for url in _text_urls(text[:100000]):
                 if len(urls) >= MAX_URLS * 2:
                     break
-                urls.append(m.group(0))
+                urls.append(url)
         if words_left > 0:
             words_left -= _text_features(text, toks, words_left)
     if has_html and not has_plain:

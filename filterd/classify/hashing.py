@@ -37,29 +37,32 @@ def _hashes(tokens: Iterable[str]) -> np.ndarray:
         return np.fromiter(map(_h, uniq), dtype=np.int64, count=len(uniq))
 
 
-_WORD_GRAM_HASHES: dict[str, np.ndarray] = {}
-# Distinct words remembered (about 0.3 KB each); cleared when full, like the n-gram cache.
+_WORD_GRAM_HASHES: dict[str, bytes] = {}
+# Distinct words remembered (about 0.1 KB each); cleared when full, like the n-gram cache.
 _WORD_GRAM_HASHES_MAX = 20_000
 
 
-def word_gram_hashes(words: Iterable[str]) -> list[np.ndarray]:
-    """The signed hashes of each word's ``g:`` n-gram tokens, remembered per word.
+def word_gram_hashes(words: Iterable[str]) -> np.ndarray:
+    """The signed hashes (int64) of the ``g:`` n-gram tokens of ``words``, one word after another.
 
     Words recur across messages (Zipf), so a message's n-grams -- four in five of its
-    tokens -- cost a dict lookup per word instead of a string and a hash per n-gram.
+    tokens -- cost a dict lookup per word instead of a string and a hash per n-gram. Each
+    word's hashes are remembered as the bytes of its int64 array (empty for a word without
+    n-grams, see ``features.has_grams``), so a message's are one ``bytes.join`` away.
     """
-    from filterd.classify.features import word_grams
+    from filterd.classify.features import has_grams, word_grams
 
     cache = _WORD_GRAM_HASHES
-    out: list[np.ndarray] = []
-    for w in words:
-        h = cache.get(w)
-        if h is None:
-            if len(cache) >= _WORD_GRAM_HASHES_MAX:
-                cache.clear()
-            h = cache[w] = _hashes(word_grams(w))
-        out.append(h)
-    return out
+    words = list(words)
+    got = list(map(cache.get, words))
+    if None in got:
+        for i, h in enumerate(got):
+            if h is None:
+                if len(cache) >= _WORD_GRAM_HASHES_MAX:
+                    cache.clear()
+                w = words[i]
+                h = got[i] = cache[w] = _hashes(word_grams(w) if has_grams(w) else ()).tobytes()
+    return np.frombuffer(b"".join(got), dtype=np.int64)  # type: ignore[arg-type]
 
 
 def token_indices(
@@ -73,9 +76,10 @@ def token_indices(
     as listing those words' n-gram tokens in ``tokens``.
     """
     a = _hashes(tokens)
-    grams = word_gram_hashes(gram_words)
-    if grams:
-        a = np.concatenate([a, *grams])
+    if gram_words:
+        grams = word_gram_hashes(gram_words)
+        if grams.size:
+            a = np.concatenate([a, grams])
     # abs() in int64 maps -2**31 to 2**31; sklearn's special case gives the same remainder.
     np.abs(a, out=a)
     a %= n_features
