@@ -154,7 +154,9 @@ def throughput(
                 cpu0 = load.tree_cpu_seconds(daemon.pid) if daemon else 0.0
                 clam0 = load.cpu_seconds(stack.clamd.pid) if stack.clamd.pid else 0.0
                 machine0 = load.machine_cpu_seconds()
+                programs0 = load.cpu_by_program()
                 run = load.smtp_source(postfix.port, msg, conc, n, timeout=60 + n * 0.5)
+                programs1 = load.cpu_by_program()
                 row: dict[str, Any] = {
                     "rate": round(run.rate, 1),
                     "seconds": round(run.seconds, 2),
@@ -164,6 +166,16 @@ def throughput(
                     "machine_cpu_ms_per_msg": round(
                         (load.machine_cpu_seconds() - machine0) / n * 1000, 2
                     ),
+                }
+                # Where the machine's CPU went, per program (ms per message, top ones).
+                spent = {
+                    name: (programs1[name] - programs0.get(name, 0.0)) / n * 1000
+                    for name in programs1
+                }
+                row["program_cpu_ms_per_msg"] = {
+                    name: round(ms, 2)
+                    for name, ms in sorted(spent.items(), key=lambda kv: -kv[1])[:8]
+                    if ms >= 0.05
                 }
                 if run.returncode != 0:
                     row["error"] = run.error
@@ -572,6 +584,14 @@ def print_report(res: dict[str, Any], targets: list[str]) -> None:
             p(fmt_row(cells, [w for _, w in cols]))
         p("  (cpu ms = daemon CPU time per message, all threads; all ms = CPU time of the whole")
         p("   machine per message: Postfix, load generator, sink, clamd, Redis, DNS, daemon...)")
+        for conc, rows in tp.items():
+            for target in targets:
+                runs = rows.get(target, {}).get("runs", [])
+                if conc != "16" or not runs or "program_cpu_ms_per_msg" not in runs[-1]:
+                    continue
+                spent = runs[-1]["program_cpu_ms_per_msg"]
+                p(f"  c=16 {target}, CPU ms per message by program (last repetition): "
+                  + ", ".join(f"{k} {v}" for k, v in spent.items()))  # fmt: skip
     lat = res.get("latency", {})
     if lat:
         p("\nLatency at concurrency 1, 10 KB ham (ms; added = filterd minus no milter)")
