@@ -261,17 +261,16 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def cpu_by_program() -> dict[str, float]:
-    """CPU seconds of every living process, summed by program name (``comm``).
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """(program name, CPU seconds) of every living process, by pid.
 
     Children a process has reaped count through its cutime/cstime, so Postfix's
-    short-lived helpers land on their master; a process that exited unreaped is lost,
-    which is why the breakdown is shown beside the machine total, not instead of it.
+    short-lived helpers land on their master. Kernel threads are named "kernel".
     """
     import os
 
     tick = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
+    out: dict[int, tuple[str, float]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -280,8 +279,25 @@ def cpu_by_program() -> dict[str, float]:
         except OSError:
             continue
         name = text[text.find("(") + 1 : text.rfind(")")]
+        if name.startswith(("kworker", "ksoftirqd", "rcu_", "kswapd", "migration")):
+            name = "kernel"
         fields = text.rsplit(")", 1)[1].split()
-        out[name] = out.get(name, 0.0) + sum(int(x) for x in fields[11:15]) / tick
+        out[int(entry.name)] = (name, sum(int(x) for x in fields[11:15]) / tick)
+    return out
+
+
+def cpu_by_program(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU seconds spent between two ``process_cpu`` snapshots, summed by program.
+
+    By pid, so a program that started in between counts whole and one that exited
+    unreaped is lost: shown beside the machine's total, not instead of it.
+    """
+    out: dict[str, float] = {}
+    for pid, (name, seconds) in after.items():
+        spent = seconds - before.get(pid, (name, 0.0))[1]
+        out[name] = out.get(name, 0.0) + spent
     return out
 
 

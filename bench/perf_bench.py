@@ -154,9 +154,9 @@ def throughput(
                 cpu0 = load.tree_cpu_seconds(daemon.pid) if daemon else 0.0
                 clam0 = load.cpu_seconds(stack.clamd.pid) if stack.clamd.pid else 0.0
                 machine0 = load.machine_cpu_seconds()
-                programs0 = load.cpu_by_program()
+                programs0 = load.process_cpu()
                 run = load.smtp_source(postfix.port, msg, conc, n, timeout=60 + n * 0.5)
-                programs1 = load.cpu_by_program()
+                programs1 = load.process_cpu()
                 row: dict[str, Any] = {
                     "rate": round(run.rate, 1),
                     "seconds": round(run.seconds, 2),
@@ -169,8 +169,8 @@ def throughput(
                 }
                 # Where the machine's CPU went, per program (ms per message, top ones).
                 spent = {
-                    name: (programs1[name] - programs0.get(name, 0.0)) / n * 1000
-                    for name in programs1
+                    name: seconds / n * 1000
+                    for name, seconds in load.cpu_by_program(programs0, programs1).items()
                 }
                 row["program_cpu_ms_per_msg"] = {
                     name: round(ms, 2)
