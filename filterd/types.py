@@ -8,6 +8,7 @@ that unit tests can build them by hand.
 from __future__ import annotations
 
 import email
+import email.message
 import email.parser
 import email.policy
 from collections.abc import Callable, Iterator
@@ -189,9 +190,17 @@ class Message:
         """The whole message parsed; materialises it, so checks prefer ``parse_head``."""
         return _parse(self.raw)
 
-    def parse_head(self, limit: int) -> EmailMessage:
-        """The first ``limit`` bytes parsed (a cut MIME tree parses with defects)."""
-        return _parse(self.head(limit))
+    def parse_head(self, limit: int) -> tuple[email.message.Message, bytes]:
+        """The first ``limit`` bytes parsed, with those bytes (a cut tree parses with defects).
+
+        compat32, the policy the classifier's features are defined on, so that one parse
+        serves every reader of the message (``filterd.mail.analysis``); never raises.
+        """
+        head = self.head(limit)
+        try:
+            return email.message_from_bytes(head, policy=email.policy.compat32), head
+        except Exception:  # noqa: BLE001 - the parser records defects; this is a last resort
+            return email.message.Message(), head
 
     @cached_property
     def headers(self) -> EmailMessage:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import email.message
+import email.policy
 import threading
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 from filterd.checks import uribl
 from filterd.checks.allowlist import _headers
 from filterd.checks.base import Services
+from filterd.checks.classifier import ClassifierCheck
+from filterd.checks.classifier import Config as ClassifierConfig
+from filterd.classify.registry import ModelHolder
 from filterd.mail import psl
 from filterd.mail.analysis import MessageAnalysis, analysis_of, attach
 from filterd.mail.links import link_domains
@@ -18,6 +22,8 @@ from filterd.records.observer import message_id
 from filterd.settings import Settings, load_settings
 from filterd.types import Envelope, Message
 from tests.servers import write_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 RAW = (
     b'From: "Shop" <news@mail.shop.example.co.uk>\r\n'
@@ -38,7 +44,7 @@ class CountingMessage(Message):
 
     parses = 0
 
-    def parse_head(self, limit: int) -> EmailMessage:
+    def parse_head(self, limit: int) -> tuple[email.message.Message, bytes]:
         type(self).parses += 1
         return super().parse_head(limit)
 
@@ -69,7 +75,7 @@ def test_every_reader_shares_one_analysis_and_one_parse() -> None:
 
 def test_same_domains_as_the_standalone_extractor() -> None:
     message = counting(RAW)
-    assert analysis_of(message).link_domains() == link_domains(message.parse_head(1 << 20))
+    assert analysis_of(message).link_domains() == link_domains(message.parse_head(1 << 20)[0])
 
 
 def test_concurrent_readers_compute_once() -> None:
@@ -139,3 +145,39 @@ def test_from_domains_read_the_first_from_as_written() -> None:
     assert MessageAnalysis(Message.from_bytes(b"Subject: x\r\n\r\n", Envelope())).from_domains == []
     empty = Message.from_bytes(b"From: \r\n\r\n", Envelope())
     assert MessageAnalysis(empty).from_domains == []
+
+
+def _classifier(max_bytes: int = 512 * 1024) -> ClassifierCheck:
+    return ClassifierCheck(ClassifierConfig(max_bytes=max_bytes), ModelHolder(ROOT / "models"))
+
+
+def test_the_classifier_scores_the_one_parse_as_it_would_score_the_bytes() -> None:
+    """Same probability as from the message's bytes, from the one parse -- also after the
+    link reader has decoded a part with broken base64 (decoding records a defect on the
+    part, which the features read: reading must not change the shared parse)."""
+    broken = (
+        b"From: a@b.example\r\nSubject: win\r\nContent-Transfer-Encoding: base64\r\n"
+        b"Content-Type: text/plain\r\n\r\n" + b"aHR0cDovL3guZXhhbXBsZS8gY2xpY2sgaGVyZQ" + b"\r\n"
+    )
+    check = _classifier()
+    model = check.holder.current()
+    assert model is not None
+    for raw in (RAW, broken):
+        message = counting(raw)
+        assert analysis_of(message).link_domains() is not None  # the link reader goes first
+        [finding] = check.check_message(message, exempt=False)
+        assert finding.spam_probability == model.score(raw)
+        assert CountingMessage.parses == 1
+    cut = email.message_from_bytes(broken, policy=email.policy.compat32)
+    assert cut.get_payload(decode=True) and cut.defects  # the defect the guard is about
+
+
+def test_a_message_larger_than_the_classifier_reads_gets_its_own_cut() -> None:
+    check = _classifier(max_bytes=4096)
+    big = RAW.replace(b"--b--\r\n", b"--b\r\nContent-Type: text/plain\r\n\r\n" + b"word " * 2000)
+    message = counting(big + b"\r\n--b--\r\n")
+    model = check.holder.current()
+    assert model is not None
+    assert analysis_of(message).whole_head(4096) is None
+    [finding] = check.check_message(message, exempt=False)
+    assert finding.spam_probability == model.score(message.head(4096))

@@ -13,6 +13,7 @@ classifier``), and the holder keeps looking for a loadable model (issue 15 item 
 
 from __future__ import annotations
 
+import email.message
 import logging
 from collections.abc import Sequence
 from typing import Literal
@@ -21,9 +22,11 @@ from pydantic import Field
 
 from filterd import deadline
 from filterd.checks.base import Services
+from filterd.classify.features import MAX_MESSAGE_BYTES
 from filterd.classify.model import ModelError
 from filterd.classify.registry import ModelHolder
 from filterd.classify.thresholds import Served, served
+from filterd.mail.analysis import analysis_of
 from filterd.settings import Section, resolve_path
 from filterd.types import Finding, Message, Thresholds
 
@@ -76,12 +79,23 @@ class ClassifierCheck:
                 self.served(model.thresholds).describe(),
             )
         deadline.check()  # run inline: do not start once the pipeline has replied
-        p = model.score(message.head(self.config.max_bytes))
+        p = model.score(*self._input(message))
         th = self.served(model.thresholds)
         detail = f"p={p:.4f} reject={th.reject:.4g} tag={th.tag:.4g} model={model.name}"
         # Evidence only: filterd.policy turns p and these thresholds into SPAM/SUSPECT/HAM.
         cut = Thresholds(th.reject, th.tag, self.config.tag_points)
         return [Finding(self.name, "CLASSIFIER", detail, spam_probability=p, thresholds=cut)]
+
+    def _input(self, message: Message) -> tuple[bytes | email.message.Message, int | None]:
+        """What the model reads: the message's one parse when it is the parse the model's
+        own would be (the whole message, within both size limits, no mbox "From " line,
+        which the features' parser drops first), else the top ``max_bytes`` as bytes."""
+        limit = min(self.config.max_bytes, MAX_MESSAGE_BYTES)
+        if not message.header_block.startswith(b"From "):
+            whole = analysis_of(message).whole_head(limit)
+            if whole is not None:
+                return whole
+        return message.head(self.config.max_bytes), None
 
     def close(self) -> None:
         pass

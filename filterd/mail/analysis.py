@@ -7,10 +7,12 @@ is built lazily, once per message, and every check reads the same objects:
 
 - ``headers``: the one parse of the header block (``Message.headers``), and
   ``raw_header_values`` for the unfolded source values (no second parse);
-- ``head_message``: the top ``head_limit`` bytes parsed once (an
-  ``EmailMessage``; the rest of a large message is never materialised, so
+- ``head_message``: the top ``head_limit`` bytes parsed once, with the compat32
+  policy the classifier's features are defined on, so the classifier scores this
+  parse instead of its own whenever it covers what the classifier reads
+  (``whole_head``); the rest of a large message is never materialised, so
   memory stays flat in message size; attachments are walked by streaming,
-  ``filterd.mail.walk``);
+  ``filterd.mail.walk``;
 - ``text_parts``: inline text/plain and text/html parts of that head, decoded once;
 - ``link_hosts`` and ``link_domains``: hosts of links in those parts, cut at the
   one public-suffix list (``filterd.mail.psl``);
@@ -23,6 +25,7 @@ checks asking at once share one computation instead of doing it twice.
 
 from __future__ import annotations
 
+import email.message
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -112,9 +115,25 @@ class MessageAnalysis:
     # -- the head of the message -------------------------------------------------
 
     @property
-    def head_message(self) -> EmailMessage:
+    def head_message(self) -> email.message.Message:
         """The top ``head_limit`` bytes, parsed once (a cut MIME tree parses with defects)."""
-        return self._once("head_message", lambda: self.message.parse_head(self.head_limit))
+        return self._head()[0]
+
+    def whole_head(self, limit: int) -> tuple[email.message.Message, int] | None:
+        """The parse and the message's size (CRLF counted as one byte) when the parse holds
+        the WHOLE message and that is at most ``limit`` bytes; else None (the reader parses
+        its own cut, as it would without an analysis)."""
+        message, raw_len, lf_size, whole = self._head()
+        if not whole or raw_len > limit or self.message.oversize:
+            return None
+        return message, lf_size
+
+    def _head(self) -> tuple[email.message.Message, int, int, bool]:
+        return self._once("head", self._parse_head)
+
+    def _parse_head(self) -> tuple[email.message.Message, int, int, bool]:
+        parsed, raw = self.message.parse_head(self.head_limit)
+        return parsed, len(raw), len(raw) - raw.count(b"\r\n"), len(raw) < self.head_limit
 
     @property
     def text_parts(self) -> list[TextPart]:

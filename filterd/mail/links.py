@@ -16,7 +16,8 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Iterator
-from email.message import EmailMessage, Message
+from email.contentmanager import raw_data_manager
+from email.message import Message
 from html.parser import HTMLParser
 from urllib.parse import unquote
 
@@ -199,20 +200,30 @@ def hosts_in_html(html: str) -> list[str]:
 
 
 def part_text(part: Message) -> str:
-    """A text part's content as str, decoded leniently (unknown charsets, broken encodings)."""
+    """A text part's content as str, decoded leniently (unknown charsets, broken encodings).
+
+    The standard content manager's text decoding (declared charset, errors replaced), for
+    a part of either policy: the analysis parses with compat32 (see ``Message.parse_head``).
+    Decoding records defects (bad base64 padding) on the part; they are put back as they
+    were, so reading the one shared parse never changes what the next reader sees.
+    """
+    defects = list(part.defects)
     try:
-        content = part.get_content() if isinstance(part, EmailMessage) else None
-    except Exception:  # noqa: BLE001 - unknown charset or broken encoding
-        content = None
-    if isinstance(content, str):
-        return content
-    payload = part.get_payload(decode=True)
-    if isinstance(payload, bytes):
-        return payload[: MAX_PART_CHARS * 4].decode("utf-8", errors="replace")
-    return ""
+        try:
+            content = raw_data_manager.get_content(part)
+        except Exception:  # noqa: BLE001 - unknown charset or broken encoding
+            content = None
+        if isinstance(content, str):
+            return content
+        payload = part.get_payload(decode=True)
+        if isinstance(payload, bytes):
+            return payload[: MAX_PART_CHARS * 4].decode("utf-8", errors="replace")
+        return ""
+    finally:
+        part.defects[:] = defects
 
 
-def hosts_in_message(message: EmailMessage) -> Iterator[str]:
+def hosts_in_message(message: Message) -> Iterator[str]:
     """Link hosts of every inline text/plain and text/html part, in order."""
     for part in message.walk():
         if part.get_content_maintype() != "text" or part.get_content_disposition() == "attachment":
@@ -237,6 +248,6 @@ def registered_domains(hosts: Iterable[str], skip: Iterable[str] = ()) -> list[s
     return list(seen)
 
 
-def link_domains(message: EmailMessage, skip: Iterable[str] = ()) -> list[str]:
+def link_domains(message: Message, skip: Iterable[str] = ()) -> list[str]:
     """The registered domains a message's bodies link to."""
     return registered_domains(hosts_in_message(message), skip)
