@@ -103,14 +103,14 @@ def test_mmh3_indices_equal_sklearn_featurehasher() -> None:
 def test_deferred_ngrams_hash_to_the_columns_of_the_listed_ones(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Serving names each word's n-grams (``defer_grams``) instead of listing them; the
+    """Serving names each body word (``defer_grams``) instead of listing its w: and g: tokens; the
     columns must be exactly those of the listed tokens training hashes, also when the
     per-word hash cache fills and is cleared mid-message."""
     import random
 
     from filterd.classify import hashing
 
-    monkeypatch.setattr(hashing, "_WORD_GRAM_HASHES_MAX", 7)
+    monkeypatch.setattr(hashing, "_WORD_HASHES_MAX", 7)
     rnd = random.Random(5)
     alphabet = "abcdefghij01345$_'\u00e9\u0436 "
     texts = [
@@ -124,10 +124,11 @@ def test_deferred_ngrams_hash_to_the_columns_of_the_listed_ones(
         for raw in raws:
             listed = extract_features(raw)
             named = extract_features(raw, defer_grams=True)
-            assert named.gram_words is not None
-            assert not [t for t in named if t.startswith("g:")]
-            assert [t for t in listed if not t.startswith("g:")] == list(named)
-            assert list(token_indices(named, n, named.gram_words)) == list(
+            assert named.deferred_words is not None
+            assert not [t for t in named if t.startswith(("g:", "w:"))]
+            assert [t for t in listed if not t.startswith(("g:", "w:"))] == list(named)
+            assert named.evidence == listed.evidence
+            assert list(token_indices(named, n, named.deferred_words)) == list(
                 token_indices(listed, n)
             )
     m = _shipped()

@@ -618,6 +618,12 @@ _GRAM_CACHE: dict[str, tuple[str, ...]] = {}
 _GRAM_CACHE_MAX = 20_000
 
 
+def word_tokens(w: str) -> tuple[str, ...]:
+    """The tokens one distinct body word gives: its ``w:`` token and its ``g:`` n-grams."""
+    mapped = w if (len(w) <= 30 and w.isalpha()) else _map_word(w)
+    return ("w:" + mapped, *word_grams(w)) if has_grams(w) else ("w:" + mapped,)
+
+
 def has_grams(w: str) -> bool:
     """Whether a body word contributes ``g:`` n-grams (markers such as ``_url_`` do not)."""
     return 2 <= len(w) <= 20 and w[0] != "_"
@@ -642,12 +648,6 @@ def _char_ngrams(words: Iterable[str], toks: list[str]) -> None:
     tokens; distinct words only, since the model reads presence, not counts.  Words recur across
     messages (Zipf), so each word's n-grams are remembered: the serving cost is a dict lookup.
     """
-    if isinstance(toks, Tokens) and toks.gram_words is not None:
-        # Serving: the hasher takes each word's n-gram hashes from its own cache, so the
-        # n-gram strings are never built per message (``hashing.token_indices``); it also
-        # applies ``has_grams``, once per word it has not seen.
-        toks.gram_words.update(words)
-        return
     cache = _GRAM_CACHE
     grams: set[str] = set()
     for w in words if isinstance(words, set) else set(words):
@@ -700,7 +700,13 @@ def _text_features(text: str, toks: list[str], budget: int) -> int:
     if len(words) > budget:
         words = words[:budget]
     distinct = set(words)
-    _char_ngrams(distinct, toks)
+    deferred = toks.deferred_words if isinstance(toks, Tokens) else None
+    if deferred is None:
+        _char_ngrams(distinct, toks)
+    else:
+        # Serving: the hasher takes each word's w: and g: token hashes from its own cache
+        # (``word_tokens``, ``hashing.token_indices``): no token strings built per message.
+        deferred |= distinct
     # Presence, not counts: each distinct word is mapped once. Most words are short and
     # alphabetic: they pass unchanged (filtered in C); the rest are mapped one by one.
     alpha = set(filter(str.isalpha, distinct))
@@ -720,7 +726,8 @@ def _text_features(text: str, toks: list[str], budget: int) -> int:
         and any(c.isalpha() for c in w)
     }
     alnum_mix = sum(map(mixes.__contains__, words)) if mixes else 0
-    toks.extend(["w:" + w for w in uniq])
+    if deferred is None:
+        toks.extend(["w:" + w for w in uniq])
     if isinstance(toks, Tokens):
         toks.body_words.update(uniq)
     toks.append(f"o:alnum_mix={_bucket(alnum_mix)}")
@@ -1017,16 +1024,16 @@ class Tokens(list[str]):
     """The token list, plus ``evidence``: distinct body and subject words (``w:``/``s:``).
 
     Counted while tokenising, so scoring need not scan thousands of tokens again.
-    ``gram_words`` (serving only, ``defer_grams``): the words whose ``g:`` character
-    n-grams belong to the message but were left out of the list; about four in five
-    tokens are n-grams, and the hasher has them per word already.
+    ``deferred_words`` (serving only, ``defer_grams``): the distinct body words whose ``w:``
+    token and ``g:`` character n-grams (``word_tokens``) belong to the message but were left
+    out of the list; they are nine in ten tokens, and the hasher has them per word already.
     """
 
     def __init__(self, defer_grams: bool = False) -> None:
         super().__init__()
         self.body_words: set[str] = set()
         self.subject_words: set[str] = set()
-        self.gram_words: set[str] | None = set() if defer_grams else None
+        self.deferred_words: set[str] | None = set() if defer_grams else None
 
     @property
     def evidence(self) -> int:
@@ -1044,7 +1051,8 @@ def extract_features(
 
     For a parsed message pass ``raw_size`` (its size in bytes counting CRLF as one byte) to get the
     same tokens as from its bytes; the headers are not parsed again. ``defer_grams`` (serving):
-    the character n-grams are named by their words in ``Tokens.gram_words`` instead of listed.
+    the body words' ``w:`` and ``g:`` tokens are named by their words in
+    ``Tokens.deferred_words`` instead of listed.
 
     Never raises: on an unexpected internal error the tokens gathered so far are returned with
     an ``x:`` marker token.

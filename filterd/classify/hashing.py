@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from itertools import filterfalse
 
 import mmh3
 import numpy as np
@@ -37,49 +38,51 @@ def _hashes(tokens: Iterable[str]) -> np.ndarray:
         return np.fromiter(map(_h, uniq), dtype=np.int64, count=len(uniq))
 
 
-_WORD_GRAM_HASHES: dict[str, bytes] = {}
-# Distinct words remembered (about 0.1 KB each); cleared when full, like the n-gram cache.
-_WORD_GRAM_HASHES_MAX = 20_000
+_WORD_HASHES: dict[str, bytes] = {}
+# Distinct words remembered, ~0.25 KB each with the word (12 MB per worker when full); then
+# cleared. The two corpora hold 73k distinct words, 2000 random messages of them 36k: at 20k
+# entries the cache kept being refilled (scoring them: ~1.0 ms a message, ~0.8 at 50k).
+_WORD_HASHES_MAX = 50_000
 
 
-def word_gram_hashes(words: Iterable[str]) -> np.ndarray:
-    """The signed hashes (int64) of the ``g:`` n-gram tokens of ``words``, one word after another.
+def word_hashes(words: Iterable[str]) -> np.ndarray:
+    """The signed hashes (int64) of the tokens of each distinct body word, one after another.
 
-    Words recur across messages (Zipf), so a message's n-grams -- four in five of its
-    tokens -- cost a dict lookup per word instead of a string and a hash per n-gram. Each
-    word's hashes are remembered as the bytes of its int64 array (empty for a word without
-    n-grams, see ``features.has_grams``), so a message's are one ``bytes.join`` away.
+    Words recur across messages (Zipf), so a message's body-word tokens -- its ``w:`` and
+    ``g:`` tokens, nine in ten of all (``features.word_tokens``) -- cost a dict lookup per
+    word instead of strings and a hash per token. Each word's hashes are remembered as the
+    bytes of its int64 array, so a message's are one ``bytes.join`` away.
     """
-    from filterd.classify.features import has_grams, word_grams
+    from filterd.classify.features import word_tokens
 
-    cache = _WORD_GRAM_HASHES
+    cache = _WORD_HASHES
     words = list(words)
-    got = list(map(cache.get, words))
-    if None in got:
-        for i, h in enumerate(got):
-            if h is None:
-                if len(cache) >= _WORD_GRAM_HASHES_MAX:
-                    cache.clear()
-                w = words[i]
-                h = got[i] = cache[w] = _hashes(word_grams(w) if has_grams(w) else ()).tobytes()
-    return np.frombuffer(b"".join(got), dtype=np.int64)  # type: ignore[arg-type]
+    # (``set - cache.keys()`` would walk the whole cache: dict views subtract that way.)
+    missing = list(filterfalse(cache.__contains__, words))
+    if missing:
+        if len(cache) + len(missing) > _WORD_HASHES_MAX:
+            cache.clear()
+            missing = words
+        for w in missing:
+            cache[w] = _hashes(word_tokens(w)).tobytes()
+    return np.frombuffer(b"".join(map(cache.__getitem__, words)), dtype=np.int64)
 
 
 def token_indices(
-    tokens: Iterable[str], n_features: int, gram_words: Iterable[str] = ()
+    tokens: Iterable[str], n_features: int, deferred_words: Iterable[str] = ()
 ) -> np.ndarray:
-    """Sorted unique column indices (int64) of ``tokens`` plus the n-grams of ``gram_words``.
+    """Sorted unique column indices (int64) of ``tokens`` plus the tokens of ``deferred_words``.
 
     ``mmh3.hash`` with its defaults is seed 0, signed; ``map`` over it and a sort-based
     de-duplication are several times faster than a list comprehension and ``np.unique``.
-    ``gram_words`` (``Tokens.gram_words`` of a serving extraction) gives the same indices
-    as listing those words' n-gram tokens in ``tokens``.
+    ``deferred_words`` (``Tokens.deferred_words`` of a serving extraction) gives the same
+    indices as listing those words' tokens in ``tokens``.
     """
     a = _hashes(tokens)
-    if gram_words:
-        grams = word_gram_hashes(gram_words)
-        if grams.size:
-            a = np.concatenate([a, grams])
+    if deferred_words:
+        words = word_hashes(deferred_words)
+        if words.size:
+            a = np.concatenate([a, words])
     # abs() in int64 maps -2**31 to 2**31; sklearn's special case gives the same remainder.
     np.abs(a, out=a)
     a %= n_features

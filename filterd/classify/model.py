@@ -185,7 +185,7 @@ class SpamModel:
         return np.asarray(z)
 
     def logit_tokens(self, tokens: Sequence[str]) -> float:
-        deferred = tokens.gram_words if isinstance(tokens, Tokens) else None
+        deferred = tokens.deferred_words if isinstance(tokens, Tokens) else None
         idx = token_indices(tokens, self.n_features, deferred or ())
         z = float(self._w[idx].sum(dtype=np.float64)) * row_value(idx.size) + self._b
         if self.full_words > 0:
