@@ -400,12 +400,17 @@ def summarise_profile(raw: Path, top: int = 25) -> dict[str, Any]:
     total = 0
     area_of = (
         ("classify/", "classifier"), ("checks/antivirus", "antivirus"), ("clamd.py", "antivirus"),
-        ("checks/uribl", "uribl"), ("dnsbl/", "dnsbl/uribl"), ("checks/dnsbl", "dnsbl/uribl"),
-        ("checks/attachments", "attachments"), ("mime_walk", "attachments"),
-        ("allowlist", "allowlist"), ("records/", "records"), ("types.py", "parse (Message)"),
+        ("checks/uribl", "uribl"), ("filterd/dns/", "DNS lists"), ("checks/dnsbl", "DNS lists"),
+        ("checks/attachments", "attachments"), ("mail/walk", "attachments"),
+        ("mail/", "analysis (parse, links)"), ("types.py", "analysis (parse, links)"),
+        ("allowlist", "allowlist"), ("records/", "records"),
         ("builder.py", "milter collect"), ("milter.py", "milter callbacks"),
-        ("pipeline.py", "pipeline"),
+        ("pipeline.py", "pipeline"), ("policy.py", "pipeline"),
     )  # fmt: skip
+    # py-spy counts a thread as holding the GIL when it was the last to hold it, so a
+    # process with nothing to do shows its threads blocked in a lock or in C (no Python
+    # frame): that is idle time, not CPU, and is reported apart.
+    waits = ("Condition.wait", "Event.wait", "Queue.get", "lock.acquire", "Thread.join")
     for line in raw.read_text().splitlines():
         stack_text, _, count = line.rpartition(" ")
         if not count.isdigit():
@@ -417,6 +422,9 @@ def summarise_profile(raw: Path, top: int = 25) -> dict[str, Any]:
             inclusive[frame] += n
         # Attribute the sample to the innermost filterd area on its stack.
         area = "other (libs, threads)"
+        if frames[-1].startswith("process ") or any(w in frames[-1] for w in waits):
+            area = "waits and C without a Python frame (mostly idle)"
+            frames = []
         for frame in reversed(frames):
             hit = next((name for key, name in area_of if key in frame), None)
             if hit:
