@@ -303,18 +303,21 @@ def latency(root: Path, model_dir: str | None, n: int = 300) -> dict[str, Any]:
         return out
 
     base = per_msg(email.message_from_bytes)
-    serve = per_msg(model.score)
+    serve = per_msg(model.score)  # first sight: words not met in the warm-up cost their hashing
+    again = per_msg(model.score)  # the same messages again: every word remembered (lower bound)
     res = {
         "messages": len(test),
         "mean_bytes": float(np.mean([len(r) for r in test])),
         "score_cpu_ms_p50": float(np.median(serve)),
         "score_cpu_ms_mean": float(np.mean(serve)),
+        "score_again_cpu_ms_p50": float(np.median(again)),
         "parse_cpu_ms_p50": float(np.median(base)),
         "ratio_to_parse_mean": float(np.mean(serve) / max(1e-9, np.mean(base))),
     }
     print(
         f"serving path, {len(test)} messages of ~{res['mean_bytes'] / 1024:.1f} KB: "
-        f"score p50 {res['score_cpu_ms_p50']:.2f} ms CPU (mean {res['score_cpu_ms_mean']:.2f}); "
+        f"score p50 {res['score_cpu_ms_p50']:.2f} ms CPU (mean {res['score_cpu_ms_mean']:.2f}; "
+        f"the same messages again, every word remembered: {res['score_again_cpu_ms_p50']:.2f}); "
         f"email parse alone p50 {res['parse_cpu_ms_p50']:.2f} ms; "
         f"ratio {res['ratio_to_parse_mean']:.1f}x parse"
     )
