@@ -11,6 +11,7 @@ packets before each real answer, must end with the real answer.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import socket
 import struct
@@ -26,12 +27,14 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from filterd.checks.dnsbl import _PRIVATE_NETS, _is_private
 from filterd.dns.resolver import (
     Answer,
     DnsblResolver,
     _dnspython_outcome,
     _fast_answer,
     _query_wire,
+    reverse_ip,
     wire_name,
 )
 from tests.servers import RbldnsdServer
@@ -477,3 +480,42 @@ def test_resolver_ignores_hostile_packets_and_takes_the_real_answer(rbl: Rbldnsd
     finally:
         resolver.close()
         server.close()
+
+
+def _reverse_by_ipaddress(address: str) -> str | None:
+    try:
+        ip = ipaddress.ip_address(address.strip().strip("[]").removeprefix("IPv6:"))
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ".".join(reversed(str(ip).split(".")))
+    return ".".join(reversed(ip.exploded.replace(":", "")))
+
+
+def _private_by_ipaddress(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.strip("[]").removeprefix("IPv6:"))
+    except ValueError:
+        return True
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in _PRIVATE_NETS if net.version == ip.version)
+
+
+ADDRESS_TEXT = (
+    st.integers(0, 2**32 - 1).map(lambda v: str(ipaddress.IPv4Address(v)))
+    | st.lists(st.integers(0, 300).map(str) | st.sampled_from(["01", "00", "٣", " 1", "1 ", ""]),
+               min_size=3, max_size=5).map(".".join)
+    | st.sampled_from(["[192.0.2.1]", "IPv6:::ffff:10.0.0.1", "::ffff:192.0.2.1", "2001:db8::1",
+                       "192.0.2.1\n", " 10.0.0.1", "172.31.255.255", "172.32.0.0", "100.127.1.1",
+                       "100.128.0.0", "255.255.255.255", "0.0.0.0", "1.2.3.4.5"])
+)  # fmt: skip
+
+
+@settings(max_examples=1000, deadline=None)
+@given(ADDRESS_TEXT)
+def test_ipv4_fast_paths_read_addresses_as_ipaddress_does(address: str) -> None:
+    assert reverse_ip(address) == _reverse_by_ipaddress(address)
+    assert _is_private(address) == _private_by_ipaddress(address)

@@ -32,6 +32,7 @@ import ipaddress
 import logging
 import math
 import os
+import re
 import select
 import socket
 import struct
@@ -74,12 +75,20 @@ class Answer:
     cached: bool = False
 
 
+# A dotted-quad IPv4 address exactly as ``ipaddress`` accepts it (no leading zeros).
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+IPV4_RE = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
+
+
 def reverse_ip(address: str) -> str | None:
     """The DNSBL query label for an IP (RFC 5782): reversed octets or nibbles.
 
     IPv4-mapped IPv6 addresses (``::ffff:192.0.2.1``, as some MTAs present
     IPv4 clients) are looked up as IPv4. None for text that is no IP.
     """
+    if IPV4_RE.fullmatch(address):  # the usual client: no ipaddress object (~3 us)
+        a, b, c, d = address.split(".")
+        return f"{d}.{c}.{b}.{a}"
     try:
         ip = ipaddress.ip_address(address.strip().strip("[]").removeprefix("IPv6:"))
     except ValueError:
