@@ -519,3 +519,84 @@ ADDRESS_TEXT = (
 def test_ipv4_fast_paths_read_addresses_as_ipaddress_does(address: str) -> None:
     assert reverse_ip(address) == _reverse_by_ipaddress(address)
     assert _is_private(address) == _private_by_ipaddress(address)
+
+
+class ScriptedDns:
+    """UDP on loopback that records each query (source port, id, name) and answers
+    through rbldnsd; with ``late``, it holds the first query's answer (rewritten
+    to say 127.0.0.99) until the retry has come, then sends it before the retry's
+    own answer."""
+
+    def __init__(self, upstream: int, late: bool = False) -> None:
+        self.upstream = upstream
+        self.late = late
+        self.seen: list[tuple[int, int, str]] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self._held: bytes | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, client = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            query = dns.message.from_wire(data)
+            name = str(query.question[0].name).rstrip(".")
+            self.seen.append((client[1], query.id, name))
+            real = _ask(self.upstream, name, query.id)
+            if self.late and len(self.seen) == 1:
+                forged = dns.message.make_response(query)
+                forged.answer.append(dns.rrset.from_text(name + ".", 60, "IN", "A", "127.0.0.99"))
+                self._held = forged.to_wire()
+                continue
+            if self._held is not None:
+                self.sock.sendto(self._held, client)
+                self._held = None
+            self.sock.sendto(real, client)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.mark.integration
+def test_one_call_uses_one_socket_with_distinct_ids(rbl: RbldnsdServer) -> None:
+    server = ScriptedDns(rbl.port)
+    resolver = DnsblResolver([("127.0.0.1", server.port)], cache_max_ttl=0)
+    try:
+        names = [f"n{i}.soa.test" for i in range(20)] + ["evil.example.soa.test"]
+        answers = resolver.lookup_many([("soa.test", n) for n in names], 3.0)
+        assert answers["evil.example.soa.test"].addresses == ("127.0.1.2",)
+        assert all(answers[n].status == "nxdomain" for n in names[:-1])
+        assert sorted(name for _port, _id, name in server.seen) == sorted(names)
+        assert len({port for port, _id, _name in server.seen}) == 1  # one socket for the call
+        assert len({qid for _port, qid, _name in server.seen}) == len(names)  # one id per try
+    finally:
+        resolver.close()
+        server.close()
+
+
+@pytest.mark.integration
+def test_a_late_answer_to_an_earlier_try_is_not_taken_for_the_retry(rbl: RbldnsdServer) -> None:
+    # One server, two tries: the first try's answer comes after the retry was sent,
+    # on the same socket. Only the retry's id is awaited then, as when each try had
+    # its own socket; the held answer (127.0.0.99) must not become a listing.
+    server = ScriptedDns(rbl.port, late=True)
+    resolver = DnsblResolver([("127.0.0.1", server.port)], query_timeout=0.4, cache_max_ttl=0)
+    try:
+        answer = resolver.lookup("soa.test", "nothing.soa.test", budget=2.0)
+        assert answer.status == "nxdomain"
+        assert len(server.seen) == 2 and server.seen[0][1] != server.seen[1][1]
+        assert server.seen[0][0] == server.seen[1][0]  # the retry went out on the same socket
+    finally:
+        resolver.close()
+        server.close()
