@@ -208,6 +208,8 @@ class DnsblCheck(EngineCheck):
 
     def _remember(self, key: tuple[Any, ...], findings: tuple[Finding, ...]) -> None:
         keep = self.config.transaction_cache_seconds
+        if keep <= 0:
+            return  # a memo that expires as it is stored is never read
         if any(f.unchecked for f in findings):
             # Long enough for the other RCPTs of this transaction, short enough
             # that the next transaction asks a recovered list again.
