@@ -18,8 +18,8 @@ working tree's, and the two alternate round by round over the same batches:
   ~10 KB ham (its analysis done beforehand: it is shared with other checks) and
   on a message with 20 link domains.
 
-rbldnsd's own CPU per query (utime+stime from /proc, 10 ms ticks: summed over
-the whole run) is printed per side too. Loopback only; bounded in count.
+rbldnsd's own CPU per query (utime+stime from /proc, in 10 ms ticks, summed
+over the rounds) is printed per scenario and side too. Loopback only; bounded in count.
 Run: .venv/bin/python bench/dns_bench.py [-n 2000] [--rounds 5]
 """
 
@@ -111,8 +111,8 @@ class Side:
             ucfg, engine_mod.Engine(ucfg, "uribl", "URIBL", resolver=self.resolver)
         )
         self.cpu: dict[str, list[float]] = {}
-        self.rbl_ticks = 0
-        self.rbl_queries = 0
+        self.rbl_ticks: dict[str, int] = {}
+        self.rbl_queries: dict[str, int] = {}
 
     def close(self) -> None:
         self.resolver.close()
@@ -146,7 +146,10 @@ def _scenarios(n: int) -> dict[str, tuple[int, Callable[[Side, int], Any]]]:
     return {
         "resolver, 3 names (RCPT shape)": (3, three),
         "resolver, 10 names (URIBL shape)": (10, ten),
-        "dnsbl check_recipient (IP, HELO, sender)": (3, lambda s, i: s.dnsbl.check_recipient(envelope, "b@x.org")),
+        "dnsbl check_recipient (IP, HELO, sender)": (
+            3,
+            lambda s, i: s.dnsbl.check_recipient(envelope, "b@x.org"),
+        ),
         f"uribl check_message, ham-10k ({ham_names} names)": (
             ham_names,
             lambda s, i: s.uribl.check_message(ham, False),
@@ -203,22 +206,28 @@ def main() -> None:
                     for i in range(args.n):
                         call(side, r * args.n + i)
                     cpu = time.thread_time() - start
-                    side.rbl_ticks += _cpu_ticks(rbl.pid) - ticks
-                    side.rbl_queries += per * args.n
+                    side.rbl_ticks[name] = side.rbl_ticks.get(name, 0) + _cpu_ticks(rbl.pid) - ticks
+                    side.rbl_queries[name] = side.rbl_queries.get(name, 0) + per * args.n
                     side.cpu.setdefault(name, []).append(cpu / args.n)
         old, new = sides
+        tick = 1e6 / os.sysconf("SC_CLK_TCK")
         print(f"{args.rounds} rounds x {args.n} calls per scenario and side, alternated")
-        print(f"{'scenario':<44} {'old us/call':>12} {'new us/call':>12} {'new/old':>8}")
+        print(
+            f"daemon CPU (this thread) per call; rbldnsd CPU per query ({tick / 1000:.0f} ms ticks)"
+        )
+        print(
+            f"{'scenario':<44} {'old us':>8} {'new us':>8} {'new/old':>8}"
+            f" {'rbldnsd old':>12} {'new':>6}"
+        )
         for name, (per, _call) in scenarios.items():
             o = statistics.median(old.cpu[name]) * 1e6
             w = statistics.median(new.cpu[name]) * 1e6
-            print(f"{name:<44} {o:12.1f} {w:12.1f} {w / o:8.2f}   ({per} lookups/call)")
-        tick = 1e6 / os.sysconf("SC_CLK_TCK")
-        for side in sides:
-            per_query = side.rbl_ticks * tick / max(1, side.rbl_queries)
+            r_old, r_new = (
+                side.rbl_ticks[name] * tick / max(1, side.rbl_queries[name]) for side in sides
+            )
             print(
-                f"rbldnsd CPU, {side.label}: {per_query:.1f} us/query "
-                f"({side.rbl_ticks} ticks over {side.rbl_queries} queries)"
+                f"{name:<44} {o:8.1f} {w:8.1f} {w / o:8.2f} {r_old:12.1f} {r_new:6.1f}"
+                f"   ({per} lookups/call)"
             )
         for side in sides:
             side.close()

@@ -724,6 +724,8 @@ class Lookups:
                 self._done(query, resolver._finish(query, answer))
             elif query.channel is None:
                 self._retry(query)
+            if not self._active:
+                return  # the call is answered: no recv just to hear EAGAIN (collect ends)
 
     def _retry(self, query: _Query) -> None:
         if not query.send(self, time.monotonic()):
