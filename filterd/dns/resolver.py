@@ -299,7 +299,7 @@ class DnsblResolver:
         lookups = Lookups(self)
         results = lookups.results
         counts: dict[str, int] = {}
-        wanted: list[tuple[str, str, bytes]] = []
+        wanted: list[_Query] = []
         seen: set[str] = set()
         for zone, qname in queries:
             qname = qname.rstrip(".").lower()
@@ -325,21 +325,20 @@ class DnsblResolver:
                 counts["bad_names"] = counts.get("bad_names", 0) + 1
                 results[qname] = Answer(qname, "error", error=_short(exc, "bad name"))
                 continue
-            wanted.append((zone, qname, wire))
-        # One lock for the whole call: under load every connection's thread comes here.
+            wanted.append(_Query(zone, qname, wire, share))
+        # One short lock for the whole call: under load every connection's thread comes here.
         with self._lock:
-            for zone, qname, wire in wanted:
-                shared = self._inflight.get(qname) if share else None
+            for query in wanted:
+                shared = self._inflight.get(query.qname) if share else None
                 if shared is not None:
                     counts["coalesced"] = counts.get("coalesced", 0) + 1
                     if shared.future is None:  # created under the lock that _release takes
                         shared.future = Future()
-                    lookups.waiting[qname] = shared.future
+                    lookups.waiting[query.qname] = shared.future
                     continue
                 counts["cache_misses"] = counts.get("cache_misses", 0) + 1
-                query = _Query(zone, qname, wire, share)
                 if share:
-                    self._inflight[qname] = query
+                    self._inflight[query.qname] = query
                 lookups.add(query)
             self._stats.update(counts)
         lookups.send_queued()
