@@ -16,6 +16,7 @@ import random
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import dns.exception
@@ -600,3 +601,23 @@ def test_a_late_answer_to_an_earlier_try_is_not_taken_for_the_retry(rbl: Rbldnsd
     finally:
         resolver.close()
         server.close()
+
+
+@pytest.mark.integration
+def test_a_coalesced_caller_gets_the_senders_answer(rbl: RbldnsdServer) -> None:
+    # Caching off: the second call's only way to its answer is the first call's query.
+    resolver = DnsblResolver([("127.0.0.1", rbl.port)], cache_max_ttl=0)
+    try:
+        first = resolver.start_many([("soa.test", "evil.example.soa.test")])
+        second = resolver.start_many([("soa.test", "evil.example.soa.test")])
+        assert resolver.stats()["coalesced"] == 1 and resolver.stats()["queries"] == 1
+        got: dict[str, Answer] = {}
+        waiter = threading.Thread(target=lambda: got.update(second.collect(time.monotonic() + 3.0)))
+        waiter.start()
+        answers = first.collect(time.monotonic() + 3.0)
+        waiter.join(5)
+        assert answers["evil.example.soa.test"].addresses == ("127.0.1.2",)
+        assert got == answers
+        assert resolver._inflight == {}
+    finally:
+        resolver.close()
