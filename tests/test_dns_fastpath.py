@@ -621,3 +621,40 @@ def test_a_coalesced_caller_gets_the_senders_answer(rbl: RbldnsdServer) -> None:
         assert resolver._inflight == {}
     finally:
         resolver.close()
+
+
+def _dead_port() -> int:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
+    sock.close()  # now nobody listens there: ICMP port unreachable
+    return port
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 7])
+def test_every_query_to_a_server_nobody_listens_on_fails_at_once(count: int) -> None:
+    # The tries share a socket, so one try's ICMP error may surface at another's
+    # send; each must still fail as refused, not wait out its try. A try that
+    # waited would still be waiting at the budget (tries last 15 s here).
+    resolver = DnsblResolver([("127.0.0.1", _dead_port())], query_timeout=30.0)
+    try:
+        names = [f"n{i}.soa.test" for i in range(count)]
+        answers = resolver.lookup_many([("soa.test", n) for n in names], 1.0)
+        assert all("refused" in answers[n].error.lower() for n in names), answers
+        assert resolver.stats()["failures"] == count
+    finally:
+        resolver.close()
+
+
+@pytest.mark.integration
+def test_queries_move_on_to_the_next_server_when_the_first_is_unreachable(
+    rbl: RbldnsdServer,
+) -> None:
+    servers = [("127.0.0.1", _dead_port()), ("127.0.0.1", rbl.port)]
+    resolver = DnsblResolver(servers, query_timeout=30.0, cache_max_ttl=0)
+    try:
+        names = [f"n{i}.soa.test" for i in range(6)] + ["evil.example.soa.test"]
+        answers = resolver.lookup_many([("soa.test", n) for n in names], 1.0)
+        assert [answers[n].status for n in names] == ["nxdomain"] * 6 + ["found"]
+    finally:
+        resolver.close()

@@ -450,7 +450,7 @@ class _Channel:
     "nothing listens there" (ICMP port unreachable) into an immediate error.
     """
 
-    __slots__ = ("fd", "server", "sock", "waiting")
+    __slots__ = ("fd", "server", "sock", "used", "waiting")
 
     def __init__(self, server: tuple[str, int]) -> None:
         family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
@@ -466,6 +466,7 @@ class _Channel:
         self.server = server
         # Try id -> the query whose current try carries it.
         self.waiting: dict[int, _Query] = {}
+        self.used: set[int] = set()  # every id sent on this socket
 
 
 class _Query:
@@ -536,15 +537,23 @@ class _Query:
                 return False
             if server in self.refused:
                 continue  # asking again cannot change a refusal; only timeouts retry
+            channel = None
             try:
                 channel = lookups.channel(server)
                 query_id = lookups.ids.next()
-                while query_id in channel.waiting:  # distinct among this socket's tries
+                while query_id in channel.used:  # never twice on one socket
                     query_id = lookups.ids.next()
+                channel.used.add(query_id)
                 channel.sock.send(_ID.pack(query_id) + _QUERY_FLAGS_COUNTS + self.question)
             except OSError as exc:
+                problem = _short(exc, type(exc).__name__)
                 self.refused.add(server)
-                self.problems.append(_short(exc, type(exc).__name__))
+                self.problems.append(problem)
+                if channel is not None:
+                    # Most likely the ICMP error an earlier try on this socket caused
+                    # (a connected socket reports it at its next call): those tries
+                    # are just as refused, and nothing else would tell them.
+                    lookups.channel_failed(channel, problem)
                 continue
             if self.server is None:  # the first try counts the query
                 lookups.sent += 1
@@ -625,6 +634,7 @@ class Lookups:
         self.sent = 0  # queries put on the wire, not yet added to the resolver's stats
         self._queued: deque[_Query] = deque()
         self._active: dict[_Query, None] = {}  # insertion-ordered set
+        self._stalled: list[_Query] = []  # tries failed by another's error: to retry
         self._channels: dict[tuple[str, int], _Channel] = {}
         self._by_fd: dict[int, _Channel] = {}
         self._poller: select.poll | None = None
@@ -644,11 +654,21 @@ class Lookups:
             self._by_fd[channel.fd] = channel
         return channel
 
+    def channel_failed(self, channel: _Channel, problem: str) -> None:
+        """The server behind ``channel`` is unreachable: fail every try waiting on it."""
+        for query in list(channel.waiting.values()):
+            query.fail_try(problem, refused=True)
+            self._stalled.append(query)
+
     def send_queued(self) -> None:
-        """Put queued queries on the wire while fewer than ``max_parallel`` are."""
+        """Retry stalled tries; send queued queries while fewer than ``max_parallel`` are out."""
         resolver = self.resolver
         now = time.monotonic()
-        while self._queued and len(self._active) < resolver.max_parallel:
+        while True:
+            while self._stalled:  # a send below may stall others: hence the outer loop
+                self._retry(self._stalled.pop())
+            if not self._queued or len(self._active) >= resolver.max_parallel:
+                break
             query = self._queued.popleft()
             if query.send(self, now):
                 self._active[query] = None
@@ -675,13 +695,15 @@ class Lookups:
                 for fd, _event in self._poller.poll(max(0, math.ceil((wake - now) * 1000))):
                     self._read(self._by_fd[fd])
                 now = time.monotonic()
-                for query in [q for q in self._active if q.try_deadline <= now]:
+                for query in [
+                    q for q in self._active if q.channel is not None and q.try_deadline <= now
+                ]:
                     query.fail_try("timeout", refused=False)
                     self._retry(query)
                 self.send_queued()
         finally:
             abandoned = [*self._active, *self._queued]
-            self._active, self._queued = {}, deque()
+            self._active, self._queued, self._stalled = {}, deque(), []
             for query in abandoned:
                 self.results[query.qname] = resolver._abandon(
                     query, Answer(query.qname, "error", error="budget exhausted")
@@ -708,10 +730,7 @@ class Lookups:
                 return
             except OSError as exc:
                 # The server is unreachable (ICMP): every try waiting on it has failed.
-                problem = _short(exc, type(exc).__name__)
-                for failed in list(channel.waiting.values()):
-                    failed.fail_try(problem, refused=True)
-                    self._retry(failed)
+                self.channel_failed(channel, _short(exc, type(exc).__name__))
                 return
             if len(data) < 2:
                 continue
@@ -743,7 +762,7 @@ class Lookups:
     def close(self) -> None:
         """Give up on whatever is still on the wire (a collect that will not happen)."""
         abandoned = [*self._active, *self._queued]
-        self._active, self._queued, self.waiting = {}, deque(), {}
+        self._active, self._queued, self._stalled, self.waiting = {}, deque(), [], {}
         for query in abandoned:
             self.resolver._abandon(query, Answer(query.qname, "error", error="abandoned"))
         self._close_channels()
