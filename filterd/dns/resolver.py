@@ -537,24 +537,31 @@ class _Query:
                 return False
             if server in self.refused:
                 continue  # asking again cannot change a refusal; only timeouts retry
-            channel = None
             try:
                 channel = lookups.channel(server)
-                query_id = lookups.ids.next()
-                while query_id in channel.used:  # never twice on one socket
-                    query_id = lookups.ids.next()
-                channel.used.add(query_id)
-                channel.sock.send(_ID.pack(query_id) + _QUERY_FLAGS_COUNTS + self.question)
             except OSError as exc:
-                problem = _short(exc, type(exc).__name__)
                 self.refused.add(server)
-                self.problems.append(problem)
-                if channel is not None:
-                    # Most likely the ICMP error an earlier try on this socket caused
-                    # (a connected socket reports it at its next call): those tries
-                    # are just as refused, and nothing else would tell them.
-                    lookups.channel_failed(channel, problem)
+                self.problems.append(_short(exc, type(exc).__name__))
                 continue
+            query_id = lookups.ids.next()
+            while query_id in channel.used:  # never twice on one socket
+                query_id = lookups.ids.next()
+            channel.used.add(query_id)
+            packet = _ID.pack(query_id) + _QUERY_FLAGS_COUNTS + self.question
+            try:
+                channel.sock.send(packet)
+            except OSError as exc:
+                # A connected socket reports an ICMP error at its next call: most
+                # likely one an earlier try on it caused. Those tries are refused
+                # (nothing else would tell them); this one is sent again, and fails
+                # only if its own send does.
+                lookups.channel_failed(channel, _short(exc, type(exc).__name__))
+                try:
+                    channel.sock.send(packet)
+                except OSError as again:
+                    self.refused.add(server)
+                    self.problems.append(_short(again, type(again).__name__))
+                    continue
             if self.server is None:  # the first try counts the query
                 lookups.sent += 1
             self.id = query_id
