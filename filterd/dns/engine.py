@@ -161,9 +161,10 @@ class Engine:
             problem = self._read(item, answer, subs, grouped, counts)
             if problem:
                 unavailable.setdefault(item.id, (item, []))[1].append(problem)
-        counts["unavailable"] += len(unavailable)
+        if unavailable:
+            counts["unavailable"] = len(unavailable)
         with self._lock:
-            self._counters.update(+counts)
+            self._counters.update(counts)
         for item, rule, codes, subs in grouped.values():
             findings.append(self._hit(item, rule, codes, subs))
         for item, problems in unavailable.values():
