@@ -83,10 +83,11 @@ class UriblCheck(EngineCheck):
         self.engine = engine or Engine(config, check="uribl", prefix="URIBL")
         # How much of the top of a message the shared analysis must parse for us.
         self.head_bytes = config.max_bytes
+        self._skip = frozenset(d.lower().rstrip(".") for d in config.skip_domains)
 
     def subjects(self, message: Message) -> list[Subject]:
         subjects: list[Subject] = []
-        skip = {d.lower().rstrip(".") for d in self.config.skip_domains}
+        skip = self._skip
         if self.config.check_from and self.engine.serves("from"):
             subjects += [domain_subject("from", d) for d in from_domains(message) if d not in skip]
         if self.config.check_body and self.engine.serves("body") and self.config.max_uri_lookups:

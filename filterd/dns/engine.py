@@ -152,17 +152,22 @@ class Engine:
         grouped: dict[tuple[str, str, str], tuple[CompiledList, CodeRule, list[str], list[Subject]]]
         grouped = {}
         unavailable: dict[str, tuple[CompiledList, list[str]]] = {}
+        # Counted here and added under the lock once per call, not once per lookup.
+        counts: Counter[str] = Counter()
         for key, subs in plan.items():
             item = by_key[key]
             answer = answers[key[1]]
-            self.count("lookups")
-            problem = self._read(item, answer, subs, grouped)
+            counts["lookups"] += 1
+            problem = self._read(item, answer, subs, grouped, counts)
             if problem:
                 unavailable.setdefault(item.id, (item, []))[1].append(problem)
+        if unavailable:
+            counts["unavailable"] = len(unavailable)
+        with self._lock:
+            self._counters.update(counts)
         for item, rule, codes, subs in grouped.values():
             findings.append(self._hit(item, rule, codes, subs))
         for item, problems in unavailable.values():
-            self.count("unavailable")
             reasons = sorted(set(problems))
             # A list in back-off was already reported when it went down.
             quiet = all(reason.endswith("(back-off)") for reason in reasons)
@@ -194,25 +199,26 @@ class Engine:
         grouped: dict[
             tuple[str, str, str], tuple[CompiledList, CodeRule, list[str], list[Subject]]
         ],
+        counts: Counter[str],
     ) -> str:
-        """Add hits of one answer to ``grouped``; return a problem text or ""."""
+        """Add hits of one answer to ``grouped``, counters to ``counts``; return a problem or ""."""
         if answer.status == "error":
             if answer.error.endswith("(back-off)"):
-                self.count("skipped_backoff")
+                counts["skipped_backoff"] += 1
             elif "timeout" in answer.error or "budget" in answer.error:
-                self.count("timeouts")
+                counts["timeouts"] += 1
             else:
-                self.count("failures")
+                counts["failures"] += 1
             return answer.error
         if answer.status == "nxdomain":
-            self.count("unlisted")
+            counts["unlisted"] += 1
             return ""
         match = item.classify(answer.addresses)
         if match.verdict == "error":
-            self.count("list_errors")
+            counts["list_errors"] += 1
             return match.error
         if match.unmatched:
-            self.count("unmatched_codes")
+            counts["unmatched_codes"] += 1
             log.info(
                 "%s: %s answered unknown code(s) %s; ignored",
                 self.check,
@@ -220,9 +226,9 @@ class Engine:
                 ",".join(match.unmatched),
             )
         if match.verdict == "unlisted":
-            self.count("unlisted")
+            counts["unlisted"] += 1
             return ""
-        self.count("listed")
+        counts["listed"] += 1
         for rule, codes in match.hits:
             for subject in subs:
                 group = "*" if subject.target in _AGGREGATED else subject.label
