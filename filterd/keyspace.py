@@ -51,6 +51,7 @@ which would spread one account's windows over several slots.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -85,11 +86,12 @@ KINDS: dict[str, str] = {
     "outbound_spam": "outbound-spam",
 }
 
-# KEYS[1] the key; ARGV[1] its TTL in seconds; ARGV[2] the write command (the records
-# writer sends SADD or HINCRBY); ARGV[3..] its arguments. The write and its expiry are
-# one atomic step on one key, so no replica, failover or cut connection can leave the
-# key without a TTL. Kept short: its text travels with every call (EVAL, not EVALSHA,
-# so a freshly promoted master with an empty script cache needs no NOSCRIPT retry).
+# The records writer calls both scripts by their SHA1 (EVALSHA: the text is not sent,
+# and Redis does not hash it, on every call). A server that lacks the script (restarted,
+# SCRIPT FLUSH, a freshly promoted replica, another Cluster node) answers NOSCRIPT
+# without running anything; the writer then re-sends exactly those commands as EVAL,
+# which also loads the script (filterd.records.writer.RecordWriter.send).
+#
 # KEYS[1] a mailbox index; ARGV[1] its TTL in seconds; ARGV[2] now (epoch s); ARGV[3] the
 # record id. Entries older than the retention tag are dropped on every write, so a mailbox
 # that gets mail weekly keeps no timeline beyond its tag; trim, add and expiry are one step.
@@ -100,11 +102,26 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
 """
 
+# KEYS[1] the key; ARGV[1] its TTL in seconds; ARGV[2] the write command (the records
+# writer sends SADD or HINCRBY); ARGV[3..] its arguments. The write and its expiry are
+# one atomic step on one key, so no replica, failover or cut connection can leave the
+# key without a TTL.
 WRITE_WITH_EXPIRY = """\
 local r = redis.call(ARGV[2], KEYS[1], unpack(ARGV, 3))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return r
 """
+
+
+def script_sha(script: str) -> str:
+    """The SHA1 Redis files a script under (what EVALSHA and SCRIPT LOAD use)."""
+    return hashlib.sha1(script.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+INDEX_WRITE_SHA = script_sha(INDEX_WRITE)
+WRITE_WITH_EXPIRY_SHA = script_sha(WRITE_WITH_EXPIRY)
+#: Script text by SHA1, for the EVAL fallback after NOSCRIPT.
+SCRIPTS: dict[str, str] = {INDEX_WRITE_SHA: INDEX_WRITE, WRITE_WITH_EXPIRY_SHA: WRITE_WITH_EXPIRY}
 
 
 def hash_tag(token: str) -> str:
