@@ -134,10 +134,12 @@ class _JobObserver:
 
 
 class _Prepared(NamedTuple):
-    """One job as commands, not yet sent; ``index_keys`` are the index sets it adds to."""
+    """One job as commands, not yet sent; ``index_keys`` are the index sets it adds
+    to, ``index_at`` the positions of their scripts in ``commands``."""
 
     commands: list[Command]
     index_keys: list[str]
+    index_at: list[int]
     now: float
 
 
@@ -199,13 +201,21 @@ class RecordsObserver(_JobObserver):
         Raises what went wrong (the callbacks count it).
         """
         prepared = self._prepare(**job)
-        (error,) = self.writer.send([prepared.commands])
+        (error,), (replies,) = self.writer.send_with_replies([prepared.commands])
         if error is not None:
             raise error
         with self._lock:
             self.written += 1
-        # Due now: the first trim reads the key's real oldest entry (it may predate us).
-        return [(key, prepared.now) for key in prepared.index_keys]
+        return self._index_due(prepared, replies)
+
+    def _index_due(self, prepared: _Prepared, replies: Sequence[Any]) -> list[tuple[str, float]]:
+        """Each index key written with the due time of its oldest entry (the script's
+        reply: the key may hold entries older than ours, written before we started)."""
+        ttl = self.writer.index_ttl()
+        return [
+            (key, float(replies[at]) + ttl)
+            for key, at in zip(prepared.index_keys, prepared.index_at, strict=True)
+        ]
 
     def write_batch(
         self, jobs: Sequence[dict[str, Any]], trim_keys: Sequence[str] = ()
@@ -216,7 +226,7 @@ class RecordsObserver(_JobObserver):
         been written alone: its own replies decide, so one job's error is never
         blamed on the others; a failed round trip fails them all (one each), and
         each failed trim counts one too, as ``trim_index`` does. Returns the index
-        keys written (due now, see ``write``) and, per trimmed key that worked,
+        keys written with their due times (see ``write``) and, per trimmed key that worked,
         the due time of its oldest entry left (None: the key is empty).
         """
         prepared: list[_Prepared] = []
@@ -239,10 +249,10 @@ class RecordsObserver(_JobObserver):
         ok = 0
         first_error: BaseException | None = None
         failed = 0
-        for p, error in zip(prepared, errors, strict=False):
+        for p, error, reply in zip(prepared, errors, replies, strict=False):
             if error is None:
                 ok += 1
-                written.extend((key, p.now) for key in p.index_keys)
+                written.extend(self._index_due(p, reply))
             else:
                 failed += 1
                 first_error = first_error or error
@@ -305,6 +315,7 @@ class RecordsObserver(_JobObserver):
             mailboxes.extend(rcpts)
         tokens_done: set[str] = set()
         index_keys: list[str] = []
+        index_at: list[int] = []
         for mailbox in mailboxes:
             token = batch.mailbox_token(mailbox)
             if token and token not in tokens_done:
@@ -312,13 +323,14 @@ class RecordsObserver(_JobObserver):
                 key = batch.index(mailbox, record_id, now, token=token)
                 if key is not None:
                     index_keys.append(key)
+                    index_at.append(batch.size - 1)
         batch.count(utc_day(now), action.value, reason, max(1, len(rcpts)))
         if self.abuse_evidence and action is Action.REJECT and client_ip:
             abuse = {"timestamp": now, "client_ip": client_ip, "reason_code": reason}
             batch.entry(
                 "abuse-evidence", {k: v for k, v in abuse.items() if k in self._abuse_fields}, now
             )
-        return _Prepared(batch.commands, index_keys, now)
+        return _Prepared(batch.commands, index_keys, index_at, now)
 
     def trim_index(self, key: str) -> float | None:
         """Drop index entries older than their tag; the due time of the oldest left, if any."""
@@ -353,7 +365,8 @@ class BackgroundObserver(_JobObserver):
 
     Batching (measured in bench/records_bench.py): a callback wakes the thread only
     when the queue was empty; the thread then lets jobs gather for ``linger``
-    seconds (not when ``batch_size`` are already waiting) and writes up to
+    seconds (cut short when ``batch_size`` are waiting, or by ``flush``/``close``)
+    and writes up to
     ``batch_size`` of them, plus every index key whose trim is due, in ONE round
     trip (``RecordsObserver.write_batch``). Under load that is one wake-up and one
     MULTI/EXEC per batch instead of per message. Each job still succeeds or fails
@@ -383,7 +396,8 @@ class BackgroundObserver(_JobObserver):
         self._jobs: deque[dict[str, Any]] = deque()
         self._unfinished = 0  # queued or being written
         self._closing = False
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # a job is queued (set by the first of a batch)
+        self._hurry = threading.Event()  # write now: a full batch waits, or flush/close
         self._due: list[tuple[float, str]] = []  # heap of (due time, index key)
         self._scheduled: set[str] = set()
         self._lock = threading.Lock()
@@ -412,7 +426,9 @@ class BackgroundObserver(_JobObserver):
             if not full:
                 self._jobs.append(job)
                 self._unfinished += 1
-                wake = len(self._jobs) == 1 or len(self._jobs) == self.batch_size
+                wake = len(self._jobs) == 1
+                if len(self._jobs) == self.batch_size:
+                    self._hurry.set()
             else:
                 self.dropped += 1
                 total = self.dropped
@@ -433,6 +449,7 @@ class BackgroundObserver(_JobObserver):
         """Wait until every queued entry is written (or failed); False on timeout."""
         deadline = time.monotonic() + timeout
         while self._unfinished and time.monotonic() < deadline:
+            self._hurry.set()  # no lingering while someone waits
             time.sleep(0.01)
         return not self._unfinished
 
@@ -440,6 +457,7 @@ class BackgroundObserver(_JobObserver):
         """Write what is queued (up to ``timeout``), then stop the thread."""
         self.flush(timeout)
         self._closing = True
+        self._hurry.set()
         self._wake.set()
         self._thread.join(timeout=1.0)
 
@@ -449,12 +467,14 @@ class BackgroundObserver(_JobObserver):
             if self._due:
                 wait = min(1.0, max(0.0, self._due[0][0] - self.inner.clock()))
             self._wake.wait(wait)
-            if self.linger and not self._closing and 0 < len(self._jobs) < self.batch_size:
-                time.sleep(self.linger)  # let the jobs of a busy moment gather
+            if self.linger and self._jobs:
+                self._hurry.wait(self.linger)  # let the jobs of a busy moment gather
             with self._lock:
                 jobs = [self._jobs.popleft() for _ in range(min(self.batch_size, len(self._jobs)))]
                 if not self._jobs:
                     self._wake.clear()
+                if len(self._jobs) < self.batch_size and not self._closing:
+                    self._hurry.clear()
             try:
                 self._write(jobs)
             except Exception as exc:  # noqa: BLE001 - never let the thread die
