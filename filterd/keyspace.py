@@ -95,13 +95,17 @@ KINDS: dict[str, str] = {
 # KEYS[1] a mailbox index; ARGV[1] its TTL in seconds; ARGV[2] now (epoch s); ARGV[3] the
 # record id. Entries older than the retention tag are dropped on every write, so a mailbox
 # that gets mail weekly keeps no timeline beyond its tag; trim, add and expiry are one step.
-# Returns the score (entry time) of the oldest entry left, so the writer knows when the
-# key's next trim is due without a round trip of its own.
+# ARGV[4] "1": return the score (entry time) of the oldest entry left, so a writer that
+# has not scheduled the key's trim yet learns when it is due without a round trip of its
+# own; "0": return 1 (the key is scheduled already; saves the read).
 INDEX_WRITE = """\
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (tonumber(ARGV[2]) - tonumber(ARGV[1])))
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
-return redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
+if ARGV[4] == '1' then
+  return redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
+end
+return 1
 """
 
 # KEYS[1] the key; ARGV[1] its TTL in seconds; ARGV[2] the write command (the records

@@ -10,6 +10,7 @@ commandstats, TTL, the records readers).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -24,7 +25,7 @@ from filterd.clients.redis import connect
 from filterd.records.config import Config
 from filterd.records.observer import BackgroundObserver, build_observer, utc_day
 from filterd.records.query import daily_stats, export_mailbox
-from filterd.records.schema import load_schema
+from filterd.records.schema import DEFAULT_SCHEMA, load_schema
 from filterd.settings import load_settings
 from filterd.types import Action, Decision, Envelope, Message
 from tests.servers import RedisServer
@@ -102,6 +103,61 @@ def test_a_full_batch_is_one_transaction_and_every_entry_has_its_ttl(redis_url: 
         today = datetime.now(UTC).date()
         (day,) = daily_stats(client, load_schema(), since=today, until=today)
         assert day.categories["accepted"] == 20
+    finally:
+        observer.close()
+        client.close()
+
+
+def test_the_index_script_reads_the_oldest_entry_only_for_unscheduled_keys(
+    redis_url: str,
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.script_load(keys.INDEX_WRITE)
+    client.script_load(keys.WRITE_WITH_EXPIRY)
+    observer = _observer(client, batch_size=4, linger=600.0)
+    try:
+        client.config_resetstat()
+        _send(observer, 4)  # dave's index and four new ones: their trims get scheduled
+        assert _wait(lambda: observer.written == 4)
+        assert _calls(client)["zrange"] == 5
+        client.config_resetstat()
+        for _ in range(4):  # the same five keys again: scheduled, nothing to read
+            observer.on_message(
+                _message(0, "user0@example.org"), Decision(Action.ACCEPT, None, "OK")
+            )
+        assert _wait(lambda: observer.written == 8)
+        calls = _calls(client)
+        assert calls["evalsha"] == 4 * 3 and "zrange" not in calls
+        assert observer.failures == 0
+    finally:
+        observer.close()
+        client.close()
+
+
+def test_an_index_older_than_the_daemon_is_trimmed_when_its_entry_comes_due(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The first write to a key learns its oldest entry from the script's reply."""
+    text = DEFAULT_SCHEMA.read_text(encoding="utf-8")
+    text, n = re.subn(r'(?m)^smtp-log = "[^"]*"', 'smtp-log = "3s"', text)
+    assert n == 1
+    (tmp_path / "retention.toml").write_text(text, encoding="utf-8")
+    client = redis.Redis.from_url(redis_url)
+    index = keys.index_key("user0@example.org")
+    born = time.time() - 2.0  # written by an earlier daemon; due in about 1 s
+    client.zadd(index, {"0000000000aa0123456789ab": born})
+    inner = build_observer(Config(schema_file=str(tmp_path / "retention.toml")), client)
+    assert inner is not None
+    observer = BackgroundObserver(inner, linger=0.02)
+    try:
+        _send(observer, 1)
+        assert observer.flush(timeout=10) and observer.written == 1
+        assert client.zcard(index) == 2
+        assert _wait(lambda: client.zcard(index) == 1, timeout=10)
+        gone = time.time()
+        # Trimmed within about a second of its due time (born + 3 s); ours is kept.
+        assert gone - (born + 3.0) < 1.5, gone - (born + 3.0)
+        assert client.zscore(index, "0000000000aa0123456789ab") is None
     finally:
         observer.close()
         client.close()

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+from filterd import keyspace as keys
 from filterd.mail.analysis import analysis_of
 from filterd.records.config import Config
 from filterd.records.pseudonym import Pseudonymizer
@@ -135,7 +136,8 @@ class _JobObserver:
 
 class _Prepared(NamedTuple):
     """One job as commands, not yet sent; ``index_keys`` are the index sets it adds
-    to, ``index_at`` the positions of their scripts in ``commands``."""
+    to, ``index_at`` the position of each one's script in ``commands`` when it was
+    asked for the key's oldest entry (else -1)."""
 
     commands: list[Command]
     index_keys: list[str]
@@ -200,7 +202,7 @@ class RecordsObserver(_JobObserver):
 
         Raises what went wrong (the callbacks count it).
         """
-        prepared = self._prepare(**job)
+        prepared = self._prepare(**job, known=None)
         (error,), (replies,) = self.writer.send_with_replies([prepared.commands])
         if error is not None:
             raise error
@@ -210,15 +212,23 @@ class RecordsObserver(_JobObserver):
 
     def _index_due(self, prepared: _Prepared, replies: Sequence[Any]) -> list[tuple[str, float]]:
         """Each index key written with the due time of its oldest entry (the script's
-        reply: the key may hold entries older than ours, written before we started)."""
+        reply: the key may hold entries older than ours, written before we started).
+
+        A key whose script was not asked is due now (the first trim reads its real
+        oldest entry); ``BackgroundObserver._schedule`` ignores it when it is
+        scheduled already, which is why it was not asked.
+        """
         ttl = self.writer.index_ttl()
         return [
-            (key, float(replies[at]) + ttl)
+            (key, float(replies[at]) + ttl if at >= 0 else prepared.now)
             for key, at in zip(prepared.index_keys, prepared.index_at, strict=True)
         ]
 
     def write_batch(
-        self, jobs: Sequence[dict[str, Any]], trim_keys: Sequence[str] = ()
+        self,
+        jobs: Sequence[dict[str, Any]],
+        trim_keys: Sequence[str] = (),
+        known: Callable[[str], bool] | None = None,
     ) -> tuple[list[tuple[str, float]], dict[str, float | None]]:
         """Write ``jobs`` and trim ``trim_keys`` in one round trip.
 
@@ -227,12 +237,23 @@ class RecordsObserver(_JobObserver):
         blamed on the others; a failed round trip fails them all (one each), and
         each failed trim counts one too, as ``trim_index`` does. Returns the index
         keys written with their due times (see ``write``) and, per trimmed key that worked,
-        the due time of its oldest entry left (None: the key is empty).
+        the due time of its oldest entry left (None: the key is empty). ``known``
+        says which index keys have their trim scheduled already: for those the
+        script is not asked for the oldest entry; nor is it for a key asked by an
+        earlier job of the same batch.
         """
+        asked: set[str] = set()
+
+        def skip(key: str) -> bool:
+            if key in asked or (known is not None and known(key)):
+                return True
+            asked.add(key)
+            return False
+
         prepared: list[_Prepared] = []
         for job in jobs:
             try:
-                prepared.append(self._prepare(**job))
+                prepared.append(self._prepare(**job, known=skip))
             except Exception as exc:  # noqa: BLE001 - counted; the other jobs go on
                 self._failed(exc)
         now = self.clock()
@@ -284,6 +305,7 @@ class RecordsObserver(_JobObserver):
         size: int | None = None,
         message_id: str | None = None,
         now: float | None = None,
+        known: Callable[[str], bool] | None,
     ) -> _Prepared:
         now = self.clock() if now is None else now
         reason = clean_code(code)
@@ -320,10 +342,11 @@ class RecordsObserver(_JobObserver):
             token = batch.mailbox_token(mailbox)
             if token and token not in tokens_done:
                 tokens_done.add(token)
-                key = batch.index(mailbox, record_id, now, token=token)
+                ask = known is None or not known(keys.index_key(token))
+                key = batch.index(mailbox, record_id, now, token=token, oldest=ask)
                 if key is not None:
                     index_keys.append(key)
-                    index_at.append(batch.size - 1)
+                    index_at.append(batch.size - 1 if ask else -1)
         batch.count(utc_day(now), action.value, reason, max(1, len(rcpts)))
         if self.abuse_evidence and action is Action.REJECT and client_ip:
             abuse = {"timestamp": now, "client_ip": client_ip, "reason_code": reason}
@@ -494,7 +517,7 @@ class BackgroundObserver(_JobObserver):
             trim_keys.append(key)
         if not jobs and not trim_keys:
             return
-        written, trimmed = self.inner.write_batch(jobs, trim_keys)
+        written, trimmed = self.inner.write_batch(jobs, trim_keys, self._scheduled.__contains__)
         for key, due in written:
             self._schedule(key, due)
         for key in trim_keys:

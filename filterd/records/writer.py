@@ -272,14 +272,21 @@ class Batch:
         return record_id
 
     def index(
-        self, mailbox: str, record_id: str, now: float | None = None, *, token: str | None = None
+        self,
+        mailbox: str,
+        record_id: str,
+        now: float | None = None,
+        *,
+        token: str | None = None,
+        oldest: bool = False,
     ) -> str | None:
         """Add an entry id to the mailbox's index (a sorted set scored by entry time).
 
         Entries older than the tag are trimmed in the same script and the key
         expires one tag after this, its newest entry; the observer trims older ones
         when they come due. Returns the key (None for an empty mailbox).
-        ``token``: the mailbox's ``mailbox_token`` when the caller already has it.
+        ``token``: the mailbox's ``mailbox_token`` when the caller already has it;
+        ``oldest``: the script's reply is the oldest entry's score (else 1).
         """
         kind = self._writer.index_kind
         validate(kind, {"mailbox": mailbox, "record_id": record_id})
@@ -287,7 +294,9 @@ class Batch:
             return None
         now = time.time() if now is None else now
         name = keys.index_key(self.mailbox_token(mailbox) if token is None else token)
-        self.commands.append(("EVALSHA", keys.INDEX_WRITE_SHA, 1, name, _ttl(kind), now, record_id))
+        self.commands.append(
+            ("EVALSHA", keys.INDEX_WRITE_SHA, 1, name, _ttl(kind), now, record_id, int(oldest))
+        )
         return name
 
     def count(self, day: str, action: str, reason_code: str, n: int = 1) -> None:
