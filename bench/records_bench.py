@@ -132,10 +132,13 @@ def direct(module: types.ModuleType, r: redis.Redis, n: int) -> Callable[[], Non
 
 
 def background(
-    module: types.ModuleType, r: redis.Redis, n: int, interval: float
+    module: types.ModuleType, r: redis.Redis, n: int, interval: float, linger: float | None
 ) -> Callable[[], None]:
     def run() -> None:
-        observer = module.build_daemon_observer(Config(), r)
+        if linger is None:
+            observer = module.build_daemon_observer(Config(), r)
+        else:  # the current code with another linger than its default
+            observer = module.BackgroundObserver(module.build_observer(Config(), r), linger=linger)
         try:
             pending = job()
             for _ in range(n):
@@ -156,6 +159,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--interval", type=float, default=0.002, help="background: s between jobs")
     ap.add_argument("--baseline-rev", default=BASELINE_REV)
+    ap.add_argument("--linger", type=float, default=None, help="new code: BackgroundObserver "
+                    "linger in s (default: its own default)")  # fmt: skip
     args = ap.parse_args()
     old = load_baseline(args.baseline_rev)
     new = importlib.reload(new_observer)
@@ -174,10 +179,11 @@ def main() -> None:
                 for proto in protocols:
                     for label, module in (("old", old), ("new", new)):
                         r = clients[proto]
+                        linger = args.linger if module is new else None
                         cases = {
                             "direct": direct(module, r, n),
-                            "background": background(module, r, n // 3, args.interval),
-                            "burst": background(module, r, n, 0.0),
+                            "background": background(module, r, n // 3, args.interval, linger),
+                            "burst": background(module, r, n, 0.0, linger),
                         }
                         for case, run in cases.items():
                             count = n // 3 if case == "background" else n

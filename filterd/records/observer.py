@@ -389,13 +389,16 @@ class BackgroundObserver(_JobObserver):
     Batching (measured in bench/records_bench.py): a callback wakes the thread only
     when the queue was empty; the thread then lets jobs gather for ``linger``
     seconds (cut short when ``batch_size`` are waiting, or by ``flush``/``close``)
-    and writes up to
-    ``batch_size`` of them, plus every index key whose trim is due, in ONE round
-    trip (``RecordsObserver.write_batch``). Under load that is one wake-up and one
-    MULTI/EXEC per batch instead of per message. Each job still succeeds or fails
-    on its own replies, and is counted as it was when written alone. ``linger``
-    delays a write by at most that long (the entry's timestamp and index score are
-    still the callback's time; key TTLs run from the write, as they always did).
+    and writes up to ``batch_size`` of them, plus every index key whose trim is
+    due, in ONE round trip (``RecordsObserver.write_batch``): one wake-up and one
+    MULTI/EXEC per batch instead of per message. At 100 messages/s the measured
+    CPU per message (daemon and Redis) falls to about 0.85 of the one-by-one
+    writes with a 5 ms linger, 0.55 with 20 ms and 0.36 with 50 ms (the default).
+    Each job still succeeds or fails on its own replies and is counted as it was
+    when written alone. ``linger`` delays a write by at most that long: the
+    entry's timestamp and index score stay the callback's time (so the index
+    trimming schedule is unchanged); key TTLs run from the write, as they always
+    did, which under load was never immediate either.
 
     ``dropped`` counts entries refused by a full queue; ``inner.failures`` counts
     writes Redis refused; both are logged (rate-limited). ``close`` drains the queue.
@@ -408,7 +411,7 @@ class BackgroundObserver(_JobObserver):
         max_scheduled: int = 100000,
         *,
         batch_size: int = 64,
-        linger: float = 0.02,
+        linger: float = 0.05,
     ) -> None:
         self.inner = inner
         self.dropped = 0
