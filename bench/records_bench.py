@@ -14,6 +14,8 @@ round. Measured per message, as CPU time (never wall time):
   the whole process (producer included; its cost is the same in both) and of
   Redis, until every entry is written.
 * ``burst``: the same observer fed ``--messages`` at once (a backlog), then flushed.
+* ``idle``: the ``background`` producer with no observer, for the same time: what the
+  pacing itself costs the process and an idle Redis; ``background net`` subtracts it.
 
 Each variant also runs with redis-py's pure-Python protocol code (``py``) and with
 hiredis (``hiredis``) where hiredis is installed. Loopback only; bounded by count.
@@ -153,6 +155,19 @@ def background(
     return run
 
 
+def idle(n: int, interval: float) -> Callable[[], None]:
+    def run() -> None:
+        pending = job()
+        sink: list[dict[str, Any]] = []
+        for _ in range(n):
+            sink.append(dict(pending))
+            sink.clear()
+            if interval:
+                time.sleep(interval)
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--messages", type=int, default=3000)
@@ -176,6 +191,9 @@ def main() -> None:
             clients = {p: client(sock, p) for p in protocols}
             n = args.messages
             for _ in range(args.rounds):
+                results.setdefault("idle", []).append(
+                    measure(pid, idle(n // 3, args.interval), n // 3)
+                )
                 for proto in protocols:
                     for label, module in (("old", old), ("new", new)):
                         r = clients[proto]
@@ -196,14 +214,22 @@ def main() -> None:
           f"baseline {args.baseline_rev}; background interval {args.interval}s)")  # fmt: skip
     print(f"{'case':<10} {'proto':<7} {'old client':>10} {'new client':>10} {'ratio':>6}"
           f" {'old redis':>10} {'new redis':>10} {'ratio':>6}")  # fmt: skip
-    for case in ("direct", "background", "burst"):
+    ic = statistics.median(x[0] for x in results["idle"])
+    irc = statistics.median(x[1] for x in results["idle"])
+    for case in ("direct", "background", "burst", "bg net"):
         for proto in protocols:
-            o = results[f"{case:<10} {proto:<7} old"]
-            w = results[f"{case:<10} {proto:<7} new"]
+            source = "background" if case == "bg net" else case
+            o = results[f"{source:<10} {proto:<7} old"]
+            w = results[f"{source:<10} {proto:<7} new"]
             oc, orc = statistics.median(x[0] for x in o), statistics.median(x[1] for x in o)
             nc, nrc = statistics.median(x[0] for x in w), statistics.median(x[1] for x in w)
-            print(f"{case:<10} {proto:<7} {oc:>10.4f} {nc:>10.4f} {nc / oc:>6.2f}"
-                  f" {orc:>10.4f} {nrc:>10.4f} {nrc / orc if orc else float('nan'):>6.2f}")
+            if case == "bg net":
+                oc, nc, orc, nrc = oc - ic, nc - ic, orc - irc, nrc - irc
+            print(
+                f"{case:<10} {proto:<7} {oc:>10.4f} {nc:>10.4f} {nc / oc:>6.2f}"
+                f" {orc:>10.4f} {nrc:>10.4f} {nrc / orc if orc else float('nan'):>6.2f}"
+            )
+    print(f"idle (pacing alone): client {ic:.4f}, redis {irc:.4f} ms per message slot")
 
 
 if __name__ == "__main__":

@@ -134,6 +134,11 @@ class _JobObserver:
         raise NotImplementedError
 
 
+def _ALWAYS(key: str) -> bool:
+    """``known`` for a write that does not read the oldest entry of any index."""
+    return True
+
+
 class _Prepared(NamedTuple):
     """One job as commands, not yet sent; ``index_keys`` are the index sets it adds
     to, ``index_at`` the position of each one's script in ``commands`` when it was
@@ -198,11 +203,11 @@ class RecordsObserver(_JobObserver):
         self.write(job)
 
     def write(self, job: dict[str, Any]) -> list[tuple[str, float]]:
-        """Write one job; returns the index keys written with their oldest entry's due time.
-
-        Raises what went wrong (the callbacks count it).
+        """Write one job; returns the index keys written, due now (as before batching:
+        a scheduler's first trim reads the key's real oldest entry, so the script is
+        not asked for it here). Raises what went wrong (the callbacks count it).
         """
-        prepared = self._prepare(**job, known=None)
+        prepared = self._prepare(**job, known=_ALWAYS)  # due now: no read of the oldest
         (error,), (replies,) = self.writer.send_with_replies([prepared.commands])
         if error is not None:
             raise error
