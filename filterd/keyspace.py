@@ -33,10 +33,11 @@ each key atomically with its expiry (``SET ... EX``, or :data:`WRITE_WITH_EXPIRY
 for a set or hash), and the operations that span several keys are built to be
 correct without a cross-key transaction:
 
-* a records batch (log entry + index sets + daily counter): one MULTI/EXEC on a
-  single Redis, one pipeline split over the owning primaries on Cluster; a batch
-  cut short leaves at worst an index member whose entry is missing, which export
-  and erase skip;
+* a records batch (log entry + index sets + daily counter of each message queued,
+  up to 64 messages, plus the index trims that are due): one MULTI/EXEC on a single
+  Redis, one pipeline split over the owning primaries on Cluster; a batch cut short
+  leaves at worst an index member whose entry is missing, which export and erase
+  skip;
 * allowlist edits: one script on one key (the per-list limit holds);
 * export/erase: reads are pipelines of single-key reads; erase deletes per key and
   is safe to repeat;

@@ -23,7 +23,12 @@ import redis
 from filterd import keyspace as keys
 from filterd.clients.redis import connect
 from filterd.records.config import Config
-from filterd.records.observer import BackgroundObserver, build_observer, utc_day
+from filterd.records.observer import (
+    BackgroundObserver,
+    RecordsObserver,
+    build_observer,
+    utc_day,
+)
 from filterd.records.query import daily_stats, export_mailbox
 from filterd.records.schema import DEFAULT_SCHEMA, load_schema
 from filterd.settings import load_settings
@@ -161,6 +166,36 @@ def test_an_index_older_than_the_daemon_is_trimmed_when_its_entry_comes_due(
     finally:
         observer.close()
         client.close()
+
+
+def test_due_trims_travel_with_the_writes_and_each_part_counts_alone(redis_url: str) -> None:
+    """``write_batch``: jobs and index trims in one MULTI/EXEC; a trim that fails is one
+    failure (as a lone ``trim_index`` was), the job beside it is written."""
+    client = redis.Redis.from_url(redis_url)
+    inner = build_observer(Config(), client)
+    assert inner is not None
+    old = keys.index_key("old@example.org")
+    now = time.time()
+    client.zadd(old, {"0000000000aa0123456789ab": now - WEEK - 5, "0000000000bb0123456789ab": now})
+    client.set(keys.index_key("broken@example.org"), "not a sorted set", ex=60)
+    client.script_load(keys.INDEX_WRITE)
+    client.script_load(keys.WRITE_WITH_EXPIRY)
+    client.config_resetstat()
+    job = RecordsObserver.message_job(
+        _message(1, "user1@example.org"), Decision(Action.ACCEPT, None, "OK")
+    )
+    written, trimmed = inner.write_batch([job], [old, keys.index_key("broken@example.org")])
+    calls = _calls(client)
+    assert calls["multi"] == 1 and calls["exec"] == 1
+    assert inner.written == 1 and inner.failures == 1
+    assert {key for key, _due in written} == {
+        keys.index_key(DAVE),
+        keys.index_key("user1@example.org"),
+    }
+    # The entry older than its tag is gone; the next trim is due when the other one is.
+    assert client.zrange(old, 0, -1) == [b"0000000000bb0123456789ab"]
+    assert trimmed == {old: pytest.approx(now + WEEK, abs=0.01)}
+    client.close()
 
 
 def test_flush_writes_a_part_batch_at_once_and_keeps_the_order(redis_url: str) -> None:
