@@ -1,17 +1,20 @@
 """What the daemon calls after every decision: one log entry, index and counters.
 
 Records are best-effort: they must never delay, fail or tempfail mail. So both
-callbacks catch everything, count the failure and log it (at most once a minute),
-and each does exactly one Redis round trip (one MULTI/EXEC pipeline). The daemon
-wraps the observer in a ``BackgroundObserver`` so that round trip happens off the
-SMTP path: a hung Redis cannot hold a reply (issue 15 item 7). Its queue is
-bounded; a write it has to drop, like one that fails, is counted and logged.
+callbacks catch everything, count the failure and log it (at most once a minute).
+A ``RecordsObserver`` writes each message in one Redis round trip (one MULTI/EXEC
+pipeline). The daemon wraps it in a ``BackgroundObserver`` so that writing happens
+off the SMTP path: a hung Redis cannot hold a reply (issue 15 item 7); it writes
+what is queued in batches, one round trip each, every message still counted on
+its own. Its queue is bounded; a write it has to drop, like one that fails, is
+counted and logged.
 
 The per-mailbox index is a sorted set scored by entry time. Each write trims
 entries older than the retention tag and sets the key to expire one tag after
 its newest entry; the background worker also trims every index key it wrote when
-its oldest entry comes due, so no index entry outlives its tag by more than about
-a second while the daemon runs (issue 15 item 6). Values from
+its oldest entry comes due (the index script tells it when, the first time it
+writes a key), so no index entry outlives its tag by more than about a second
+while the daemon runs (issue 15 item 6). Values from
 the SMTP dialogue are cleaned before they reach the writer (an odd queue id or a
 Message-ID with spaces is dropped, not allowed to lose the whole entry), and only
 fields the schema declares are passed: removing a field from rules/retention.toml
