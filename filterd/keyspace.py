@@ -33,10 +33,11 @@ each key atomically with its expiry (``SET ... EX``, or :data:`WRITE_WITH_EXPIRY
 for a set or hash), and the operations that span several keys are built to be
 correct without a cross-key transaction:
 
-* a records batch (log entry + index sets + daily counter): one MULTI/EXEC on a
-  single Redis, one pipeline split over the owning primaries on Cluster; a batch
-  cut short leaves at worst an index member whose entry is missing, which export
-  and erase skip;
+* a records batch (log entry + index sets + daily counter of each message queued,
+  up to 64 messages, plus the index trims that are due): one MULTI/EXEC on a single
+  Redis, one pipeline split over the owning primaries on Cluster; a batch cut short
+  leaves at worst an index member whose entry is missing, which export and erase
+  skip;
 * allowlist edits: one script on one key (the per-list limit holds);
 * export/erase: reads are pipelines of single-key reads; erase deletes per key and
   is safe to repeat;
@@ -51,6 +52,7 @@ which would spread one account's windows over several slots.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -85,26 +87,48 @@ KINDS: dict[str, str] = {
     "outbound_spam": "outbound-spam",
 }
 
-# KEYS[1] the key; ARGV[1] its TTL in seconds; ARGV[2] the write command (the records
-# writer sends SADD or HINCRBY); ARGV[3..] its arguments. The write and its expiry are
-# one atomic step on one key, so no replica, failover or cut connection can leave the
-# key without a TTL. Kept short: its text travels with every call (EVAL, not EVALSHA,
-# so a freshly promoted master with an empty script cache needs no NOSCRIPT retry).
+# The records writer calls both scripts by their SHA1 (EVALSHA: the text is not sent,
+# and Redis does not hash it, on every call). A server that lacks the script (restarted,
+# SCRIPT FLUSH, a freshly promoted replica, another Cluster node) answers NOSCRIPT
+# without running anything; the writer then re-sends exactly those commands as EVAL,
+# which also loads the script (filterd.records.writer.RecordWriter.send).
+#
 # KEYS[1] a mailbox index; ARGV[1] its TTL in seconds; ARGV[2] now (epoch s); ARGV[3] the
 # record id. Entries older than the retention tag are dropped on every write, so a mailbox
 # that gets mail weekly keeps no timeline beyond its tag; trim, add and expiry are one step.
+# ARGV[4] "1": return the score (entry time) of the oldest entry left, so a writer that
+# has not scheduled the key's trim yet learns when it is due without a round trip of its
+# own; "0": return 1 (the key is scheduled already; saves the read).
 INDEX_WRITE = """\
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (tonumber(ARGV[2]) - tonumber(ARGV[1])))
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+if ARGV[4] == '1' then
+  return redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
+end
 return 1
 """
 
+# KEYS[1] the key; ARGV[1] its TTL in seconds; ARGV[2] the write command (the records
+# writer sends SADD or HINCRBY); ARGV[3..] its arguments. The write and its expiry are
+# one atomic step on one key, so no replica, failover or cut connection can leave the
+# key without a TTL.
 WRITE_WITH_EXPIRY = """\
 local r = redis.call(ARGV[2], KEYS[1], unpack(ARGV, 3))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return r
 """
+
+
+def script_sha(script: str) -> str:
+    """The SHA1 Redis files a script under (what EVALSHA and SCRIPT LOAD use)."""
+    return hashlib.sha1(script.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+INDEX_WRITE_SHA = script_sha(INDEX_WRITE)
+WRITE_WITH_EXPIRY_SHA = script_sha(WRITE_WITH_EXPIRY)
+#: Script text by SHA1, for the EVAL fallback after NOSCRIPT.
+SCRIPTS: dict[str, str] = {INDEX_WRITE_SHA: INDEX_WRITE, WRITE_WITH_EXPIRY_SHA: WRITE_WITH_EXPIRY}
 
 
 def hash_tag(token: str) -> str:

@@ -881,7 +881,7 @@ def _calls(url: str) -> dict[str, int]:
 
 
 def test_a_records_write_sends_only_its_own_commands(topology: Topology) -> None:
-    """One message's records: one SET, one EVAL per index set and counter, nothing else.
+    """One message's records: one SET, one EVALSHA per index set and counter, nothing else.
 
     On Cluster this guards the policy resolver in filterd.clients.redis: without it
     redis-py asks ``COMMAND GETKEYS`` before every EVAL of a pipeline.
@@ -891,6 +891,11 @@ def test_a_records_write_sends_only_its_own_commands(topology: Topology) -> None
     observer.on_message(
         _msg(DAVE, ("warm@example.org",), "<w@x>"), Decision(Action.ACCEPT, None, "OK")
     )
+    for port in re.findall(r":(\d+)", topology.url):
+        node = redis.Redis("127.0.0.1", int(port))
+        node.script_load(keyspace.INDEX_WRITE)
+        node.script_load(keyspace.WRITE_WITH_EXPIRY)
+        node.close()
     before = _calls(topology.url)
     observer.on_message(_msg(DAVE, MANY, "<one@x>"), Decision(Action.ACCEPT, None, "OK"))
     after = _calls(topology.url)
@@ -898,13 +903,41 @@ def test_a_records_write_sends_only_its_own_commands(topology: Topology) -> None
     delta = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
     for own in ("info", "hello", "client|setinfo"):  # _calls's own connection
         delta.pop(own, None)
-    # One script per mailbox index (trim, add, expire) and one for the day's counter.
+    # One script per mailbox index (trim, add, expire) and one for the day's counter, all
+    # by SHA (loaded on every primary above).
     indexes = len(MANY) + 1
-    expected = {"set": 1, "eval": len(MANY) + 2, "hincrby": 1}
+    expected = {"set": 1, "evalsha": len(MANY) + 2, "hincrby": 1}
     expected.update(zremrangebyscore=indexes, zadd=indexes, expire=indexes + 1)
     if topology.name == "single":
         expected.update({"multi": 1, "exec": 1})
     assert delta == expected
+
+
+def test_records_survive_an_empty_script_cache(topology: Topology) -> None:
+    """After SCRIPT FLUSH on every primary (a restart, a failover, a new node), the
+    NOSCRIPT answers are sent again as EVAL: every write arrives, with its TTL."""
+    client = topology.client()
+    schema = load_schema()
+    observer = RecordsObserver(RecordWriter(schema, client))
+    ports = [int(p) for p in re.findall(r":(\d+)", topology.url)]
+    for port in ports:
+        node = redis.Redis("127.0.0.1", port)
+        node.script_flush()
+        node.close()
+    before = _calls(topology.url)
+    observer.on_message(_msg(DAVE, MANY, "<flushed@x>"), Decision(Action.ACCEPT, None, "OK"))
+    after = _calls(topology.url)
+    assert observer.failures == 0 and observer.written == 1
+    scripts = len(MANY) + 2
+    assert after["evalsha"] - before.get("evalsha", 0) == scripts
+    assert after["eval"] - before.get("eval", 0) == scripts
+    for mailbox in (DAVE, *MANY):
+        (record,) = export_mailbox(client, schema, mailbox)["records"]
+        assert record["message_id"] == "<flushed@x>"
+    stored = [_text(k) for k in client.scan_iter(match="filterd:v1:*")]
+    assert len(stored) == 1 + len(MANY) + 1 + 1  # entry, indexes, counter
+    for key in stored:
+        assert client.ttl(key) > 0, key
 
 
 def _connected_clients(port: int) -> int:

@@ -9,6 +9,7 @@ writer and the log filter check the same types the same way.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
@@ -185,9 +186,24 @@ def _address_list(value: Any) -> list[str]:
     return [_address(v) for v in value]
 
 
+@functools.lru_cache(maxsize=4096)
+def canonical_ip(text: str) -> str | None:
+    """``text`` as ipaddress writes it, None if it is no IP; cached (a daemon sees the
+    same clients again and again, and ipaddress parses in pure Python)."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
 def _ip(value: Any) -> str:
-    if isinstance(value, str) and _PSEUDONYM.match(value):
-        return value
+    if isinstance(value, str):
+        if _PSEUDONYM.match(value):
+            return value
+        canonical = canonical_ip(value)
+        if canonical is None:
+            raise _fail("IP address", value)
+        return canonical
     try:
         return str(ipaddress.ip_address(value))
     except (TypeError, ValueError):
