@@ -100,3 +100,15 @@ def test_word_features_equal_the_per_word_rules() -> None:
 def _masked(text: str) -> str:
     low = F._URL_TEXT_RE.sub(" _url_ ", text.lower())
     return F._EMAIL_TEXT_RE.sub(" _email_ ", low)
+
+
+def test_words_of_ascii_text_split_in_c_equal_the_pattern() -> None:
+    """``_words`` (translate + split, the pattern only on runs holding ' $ ! _) gives
+    ``_WORD_RE.findall`` token for token, in order, ASCII or not."""
+    extra = ["'", "''", "$", "!", "_", "_url_", "_email_", "x_url_y", "don't", "a'b'c", "-", "€"]
+    rnd = random.Random(3)
+    pieces = _PIECES + extra
+    texts = ["".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 60))) for _ in range(20000)]
+    for text in [*texts, "Mixed CASE don't", "a\tb\x0bc\x1cd"]:
+        for variant in (text, text.lower()):
+            assert F._words(variant) == F._WORD_RE.findall(variant), variant

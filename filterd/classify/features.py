@@ -33,7 +33,7 @@ import html
 import math
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from email import policy as _policy
 from typing import Any
 
@@ -440,14 +440,17 @@ def _runs(
 
     ``find_in`` (same length as ``text``, e.g. its lower-cased form) is where the markers are
     looked for. A regex scan of a whole 10 KB text costs ~0.2-0.6 ms even when almost nothing
-    matches; the runs around the markers are usually a few dozen characters.
+    matches; the runs around the markers are usually a few dozen characters. Each marker is
+    looked for again only once the run holding its last hit is passed (and never again once
+    absent), so finding every run reads the text about once per marker.
     """
     where = text if find_in is None else find_in
-    hits = [i for i in (where.find(m) for m in markers) if i >= 0]
+    found = {m: where.find(m) for m in markers}
+    hits = {m: i for m, i in found.items() if i >= 0}
     pos = 0
     n = len(text)
     while hits:
-        at = min(hits)
+        at = min(hits.values())
         start = at
         while start > pos and not text[start - 1].isspace():
             start -= 1
@@ -455,7 +458,27 @@ def _runs(
         end = space.start() if space is not None else n
         yield start, end
         pos = end
-        hits = [i for i in (where.find(m, pos) for m in markers) if i >= 0]
+        for m, i in list(hits.items()):
+            if i < pos:
+                j = where.find(m, pos)
+                if j < 0:
+                    del hits[m]
+                else:
+                    hits[m] = j
+
+
+def _map_runs(text: str, markers: tuple[str, ...], fn: Callable[[str], str]) -> str:
+    """``text`` with each whitespace-free run that holds a marker replaced by ``fn(run)``."""
+    out: list[str] = []
+    pos = 0
+    for start, end in _runs(text, markers):
+        out.append(text[pos:start])
+        out.append(fn(text[start:end]))
+        pos = end
+    if not pos:
+        return text
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def _sub_in_runs(pattern: re.Pattern[str], repl: str, text: str, markers: tuple[str, ...]) -> str:
@@ -465,16 +488,32 @@ def _sub_in_runs(pattern: re.Pattern[str], repl: str, text: str, markers: tuple[
     the pattern looks at no character before its match other than through ``\\b`` (a run starts
     after whitespace or at the start of the text: the same ``\\b`` either way).
     """
-    out: list[str] = []
-    pos = 0
-    for start, end in _runs(text, markers):
-        out.append(text[pos:start])
-        out.append(pattern.sub(repl, text[start:end]))
-        pos = end
-    if not pos:
-        return text
-    out.append(text[pos:])
-    return "".join(out)
+    return _map_runs(text, markers, lambda run: pattern.sub(repl, run))
+
+
+# ASCII: every character no token can hold becomes a space (see ``_words``).
+_WORD_SEP = str.maketrans(
+    {c: " " for c in map(chr, range(128)) if not (c.isalnum() or c in "'$!_")}
+)
+_WORD_SPECIALS = ("'", "$", "!", "_")
+
+
+def _words(low: str) -> list[str]:
+    """``_WORD_RE.findall(low)`` of lower-cased text, faster when the text is ASCII.
+
+    In ASCII, a token is a run of ``[a-z0-9]`` (with one inner apostrophe), ``$``, ``!`` or
+    a ``_url_``/``_email_`` marker, and the pattern looks neither ahead nor behind: so the
+    characters no token holds can become spaces, a run of letters and digits is one token
+    (``str.split``, in C), and only the few runs holding ``' $ ! _`` go through the pattern.
+    The findall costs ~0.25 ms on 8 KB of text (one string object per match is the floor
+    for any regex); this ~0.09 ms. Other text goes through the pattern as before.
+    """
+    if not low.isascii():
+        return _WORD_RE.findall(low)
+    text = low.translate(_WORD_SEP)
+    if "'" in text or "$" in text or "!" in text or "_" in text:
+        text = _map_runs(text, _WORD_SPECIALS, lambda run: " ".join(_WORD_RE.findall(run)))
+    return text.split()
 
 
 def _text_urls(text: str) -> Iterator[str]:
@@ -696,7 +735,7 @@ def _text_features(text: str, toks: list[str], budget: int) -> int:
         low = _sub_in_runs(_URL_TEXT_RE, " _url_ ", low, ("://", "www."))
     if "@" in low:
         low = _sub_in_runs(_EMAIL_TEXT_RE, " _email_ ", low, ("@",))
-    words = _WORD_RE.findall(low)
+    words = _words(low)
     if len(words) > budget:
         words = words[:budget]
     distinct = set(words)
