@@ -100,6 +100,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own, which it may stop, restart or flush."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """URL of the session's Redis, emptied for this test."""
     client = redis.Redis.from_url(redis_server.url)

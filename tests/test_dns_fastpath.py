@@ -405,14 +405,8 @@ def test_wire_names_are_dnspythons_and_refuse_what_it_refuses(text: str) -> None
     assert got == expected
 
 
-class HostileDns:
-    """UDP on loopback: before each real rbldnsd answer, hostile packets for the same query.
-
-    Each query gets: random bytes, the real answer with a wrong id, the answer to
-    another name (listed) carrying this query's id, a listed answer with a wrong
-    question, a truncated copy and a copy with a compression loop; then the real
-    answer. Seeded: the same packets every run.
-    """
+class _LoopbackUdp:
+    """A UDP server on loopback whose thread hands each query to ``answer``."""
 
     def __init__(self, upstream: int) -> None:
         self.upstream = upstream
@@ -420,10 +414,8 @@ class HostileDns:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.1)
         self.port = self.sock.getsockname()[1]
-        self.rng = random.Random(12)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -433,33 +425,53 @@ class HostileDns:
                 continue
             except OSError:
                 return
-            query = dns.message.from_wire(data)
-            qid = query.id
-            real = _ask(self.upstream, str(query.question[0].name).rstrip("."), qid)
-            listed = _ask(self.upstream, "10.2.0.192.soa.test", qid)
-            wrong_question = dns.message.make_response(query)
-            wrong_question.question[0].name = dns.name.from_text("10.2.0.192.soa.test.")
-            wrong_question.answer.append(
-                dns.rrset.from_text(query.question[0].name, 60, "IN", "A", "127.0.0.2")
-            )
-            loop = bytearray(real)
-            loop[12:14] = b"\xc0\x0c"
-            hostile = [
-                bytes(self.rng.randrange(256) for _ in range(self.rng.randrange(40))),
-                struct.pack("!H", (qid + 1) % 65536) + real[2:],
-                listed,
-                wrong_question.to_wire(),
-                real[: len(real) // 2],
-                bytes(loop),
-            ]
-            for packet in hostile:
-                self.sock.sendto(packet, client)
-            self.sock.sendto(real, client)
+            self.answer(dns.message.from_wire(data), client)
+
+    def answer(self, query: dns.message.Message, client: tuple[str, int]) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2)
         self.sock.close()
+
+
+class HostileDns(_LoopbackUdp):
+    """UDP on loopback: before each real rbldnsd answer, hostile packets for the same query.
+
+    Each query gets: random bytes, the real answer with a wrong id, the answer to
+    another name (listed) carrying this query's id, a listed answer with a wrong
+    question, a truncated copy and a copy with a compression loop; then the real
+    answer. Seeded: the same packets every run.
+    """
+
+    def __init__(self, upstream: int) -> None:
+        super().__init__(upstream)
+        self.rng = random.Random(12)
+        self._thread.start()
+
+    def answer(self, query: dns.message.Message, client: tuple[str, int]) -> None:
+        qid = query.id
+        real = _ask(self.upstream, str(query.question[0].name).rstrip("."), qid)
+        listed = _ask(self.upstream, "10.2.0.192.soa.test", qid)
+        wrong_question = dns.message.make_response(query)
+        wrong_question.question[0].name = dns.name.from_text("10.2.0.192.soa.test.")
+        wrong_question.answer.append(
+            dns.rrset.from_text(query.question[0].name, 60, "IN", "A", "127.0.0.2")
+        )
+        loop = bytearray(real)
+        loop[12:14] = b"\xc0\x0c"
+        hostile = [
+            bytes(self.rng.randrange(256) for _ in range(self.rng.randrange(40))),
+            struct.pack("!H", (qid + 1) % 65536) + real[2:],
+            listed,
+            wrong_question.to_wire(),
+            real[: len(real) // 2],
+            bytes(loop),
+        ]
+        for packet in hostile:
+            self.sock.sendto(packet, client)
+        self.sock.sendto(real, client)
 
 
 @pytest.mark.integration
@@ -522,51 +534,32 @@ def test_ipv4_fast_paths_read_addresses_as_ipaddress_does(address: str) -> None:
     assert _is_private(address) == _private_by_ipaddress(address)
 
 
-class ScriptedDns:
+class ScriptedDns(_LoopbackUdp):
     """UDP on loopback that records each query (source port, id, name) and answers
     through rbldnsd; with ``late``, it holds the first query's answer (rewritten
     to say 127.0.0.99) until the retry has come, then sends it before the retry's
     own answer."""
 
     def __init__(self, upstream: int, late: bool = False) -> None:
-        self.upstream = upstream
+        super().__init__(upstream)
         self.late = late
         self.seen: list[tuple[int, int, str]] = []
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.1)
-        self.port = self.sock.getsockname()[1]
         self._held: bytes | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, client = self.sock.recvfrom(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            query = dns.message.from_wire(data)
-            name = str(query.question[0].name).rstrip(".")
-            self.seen.append((client[1], query.id, name))
-            real = _ask(self.upstream, name, query.id)
-            if self.late and len(self.seen) == 1:
-                forged = dns.message.make_response(query)
-                forged.answer.append(dns.rrset.from_text(name + ".", 60, "IN", "A", "127.0.0.99"))
-                self._held = forged.to_wire()
-                continue
-            if self._held is not None:
-                self.sock.sendto(self._held, client)
-                self._held = None
-            self.sock.sendto(real, client)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
+    def answer(self, query: dns.message.Message, client: tuple[str, int]) -> None:
+        name = str(query.question[0].name).rstrip(".")
+        self.seen.append((client[1], query.id, name))
+        real = _ask(self.upstream, name, query.id)
+        if self.late and len(self.seen) == 1:
+            forged = dns.message.make_response(query)
+            forged.answer.append(dns.rrset.from_text(name + ".", 60, "IN", "A", "127.0.0.99"))
+            self._held = forged.to_wire()
+            return
+        if self._held is not None:
+            self.sock.sendto(self._held, client)
+            self._held = None
+        self.sock.sendto(real, client)
 
 
 @pytest.mark.integration

@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,12 +82,6 @@ def test_index_drops_entries_older_than_their_tag(tmp_path: Path, redis_url: str
     finally:
         observer.close()
         client.close()
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
 
 
 def test_hung_redis_never_delays_the_callbacks_and_every_loss_is_counted(

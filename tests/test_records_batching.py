@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -233,12 +232,6 @@ def test_one_failing_job_is_counted_alone_the_rest_of_its_batch_is_written(
     finally:
         observer.close()
         client.close()
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
 
 
 def test_a_failed_round_trip_counts_every_job_of_its_batch(own_redis: RedisServer) -> None:
