@@ -22,7 +22,7 @@ from pydantic import Field
 
 from filterd import deadline
 from filterd.checks.base import Services
-from filterd.classify.features import MAX_MESSAGE_BYTES
+from filterd.classify.features import MAX_MESSAGE_BYTES, has_envelope_line
 from filterd.classify.model import ModelError
 from filterd.classify.registry import ModelHolder
 from filterd.classify.thresholds import Served, served
@@ -91,7 +91,7 @@ class ClassifierCheck:
         own would be (the whole message, within both size limits, no mbox "From " line,
         which the features' parser drops first), else the top ``max_bytes`` as bytes."""
         limit = min(self.config.max_bytes, MAX_MESSAGE_BYTES)
-        if not message.header_block.startswith(b"From "):
+        if not has_envelope_line(message.header_block):
             whole = analysis_of(message).whole_head(limit)
             if whole is not None:
                 return whole

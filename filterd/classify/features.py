@@ -659,7 +659,7 @@ _GRAM_CACHE_MAX = 20_000
 
 def word_tokens(w: str) -> tuple[str, ...]:
     """The tokens one distinct body word gives: its ``w:`` token and its ``g:`` n-grams."""
-    mapped = w if (len(w) <= 30 and w.isalpha()) else _map_word(w)
+    mapped = _map_word(w)
     return ("w:" + mapped, *word_grams(w)) if has_grams(w) else ("w:" + mapped,)
 
 
@@ -1026,8 +1026,14 @@ def _header_features(msg: email.message.Message, toks: list[str]) -> str:
 # --------------------------------------------------------------------------- main entry
 
 
+def has_envelope_line(raw: bytes) -> bool:
+    """Whether ``raw`` starts with an mbox ``From `` line, which the parse drops first:
+    only without one is a parse of these bytes the parse the features read."""
+    return raw.startswith(b"From ")
+
+
 def _strip_envelope(raw: bytes) -> bytes:
-    if raw.startswith(b"From "):
+    if has_envelope_line(raw):
         nl = raw.find(b"\n")
         raw = raw[nl + 1 :] if nl >= 0 else b""
     return raw
