@@ -8,10 +8,10 @@ daemon before the lead changes filterd/milter.py. This entry point removes the
 sends those events and waits for a reply to each, and
 ``BENCH_MILTER_NODELAY_PORT`` sets TCP_NODELAY on the listening socket; then
 it runs the ordinary ``filterd serve``. ``BENCH_SWITCH_INTERVAL`` (seconds)
-sets the GIL switch interval and ``BENCH_SERIAL_CHECKS=1`` runs each phase's
-checks serially and ``BENCH_CLASSIFIER_PROCESSES=N`` scores with the model in
-N worker processes, for the GIL study. Without the variable it
-is exactly ``python -m filterd``.
+sets the GIL switch interval, for the GIL study. (The one-process daemon's studies
+of serial checks and of scoring in a process pool went with the pre-forked workers:
+the pipeline now runs CPU-bound checks on the connection's thread, and each worker
+is a process of its own.) Without the variables it is exactly ``python -m filterd``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -92,77 +91,6 @@ def set_listener_nodelay(port: int, timeout: float = 10.0) -> bool:
     return False
 
 
-def serial_checks() -> None:
-    """Run a phase's checks one after another in the calling thread (no thread pool).
-
-    Measures the alternative to the pipeline's concurrent checks: with the GIL,
-    I/O-bound checks running beside the CPU-bound classifier wait for the
-    interpreter, so "concurrent" can be slower than serial. The phase budget
-    is not enforced here; this is a measurement, not a proposal to copy.
-    """
-    from filterd import pipeline
-
-    def run(
-        self: Any, checks: Any, work: Any, deadline: float, timings: dict[str, float]
-    ) -> list[Any]:
-        findings: list[Any] = []
-        for check in checks:
-            try:
-                result, spent = pipeline._timed(check, work)
-                timings[check.name] = timings.get(check.name, 0.0) + spent
-                findings.extend(result)
-            except Exception as exc:
-                findings.append(pipeline._failure(check, f"{type(exc).__name__}: {exc}"))
-        return findings
-
-    pipeline.Pipeline._run = run  # type: ignore[method-assign]
-
-
-_WORKER_MODEL: Any = None
-
-
-def _load_worker_model(models_dir: str) -> None:
-    global _WORKER_MODEL
-    from filterd.classify.registry import ModelHolder
-
-    _WORKER_MODEL = ModelHolder(Path(models_dir)).current()
-
-
-def _worker_score(raw: bytes) -> float:
-    return float(_WORKER_MODEL.score(raw))
-
-
-def classifier_in_processes(workers: int) -> None:
-    """Score messages in a pool of worker processes instead of under the daemon's GIL.
-
-    Measures the proposal "the CPU-bound classifier off the GIL": the daemon
-    then only ships the message head (<= [classifier] max_bytes) to a worker.
-    Workers load the active model once (model reloads are not followed here).
-    """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from filterd.classify import model as model_mod
-    from filterd.settings import resolve_path
-
-    pool = ProcessPoolExecutor(
-        workers,
-        mp_context=multiprocessing.get_context("forkserver"),
-        initializer=_load_worker_model,
-        initargs=(str(resolve_path("models")),),
-    )
-
-    # Start every worker now (they load the model), not during the measurement.
-    warm = b"Subject: warm-up\r\n\r\nhello\r\n"
-    for future in [pool.submit(_worker_score, warm) for _ in range(workers)]:
-        future.result(timeout=120)
-
-    def score(self: Any, raw: bytes) -> float:
-        return float(pool.submit(_worker_score, bytes(raw)).result(timeout=20))
-
-    model_mod.SpamModel.score = score  # type: ignore[method-assign]
-
-
 def main() -> None:
     wanted = [n.strip() for n in os.environ.get("BENCH_MILTER_REPLY", "").split(",") if n.strip()]
     if wanted:
@@ -173,10 +101,6 @@ def main() -> None:
         # The GIL hand-over interval (default 5 ms): how long a thread whose I/O
         # is done may wait while another thread computes.
         sys.setswitchinterval(float(interval))
-    if os.environ.get("BENCH_SERIAL_CHECKS"):
-        serial_checks()
-    if os.environ.get("BENCH_CLASSIFIER_PROCESSES"):
-        classifier_in_processes(int(os.environ["BENCH_CLASSIFIER_PROCESSES"]))
     nodelay_port = os.environ.get("BENCH_MILTER_NODELAY_PORT")
     if nodelay_port:
         import threading

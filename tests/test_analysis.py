@@ -8,6 +8,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
+
 from filterd.checks import uribl
 from filterd.checks.allowlist import _headers
 from filterd.checks.base import Services
@@ -181,3 +185,51 @@ def test_a_message_larger_than_the_classifier_reads_gets_its_own_cut() -> None:
     assert analysis_of(message).whole_head(4096) is None
     [finding] = check.check_message(message, exempt=False)
     assert finding.spam_probability == model.score(message.head(4096))
+
+
+def test_a_parsed_head_serves_the_header_values_without_a_header_parse() -> None:
+    message = counting(RAW)
+    analysis = analysis_of(message)
+    assert analysis.link_domains() and CountingMessage.parses == 1
+    assert uribl.from_domains(message) == ["example.co.uk"]
+    assert message_id(message) == "<abc@shop.example>"
+    assert _headers(message)[1] == [
+        "mx.example;\r\n\tspf=pass smtp.mailfrom=news@shop.example.co.uk"
+    ]
+    assert "headers" not in vars(message)  # Message.headers (the header-only parse) never ran
+
+
+def test_uribl_reads_the_body_before_the_from_header() -> None:
+    """uribl's From: lookup comes after the head parse, so it needs no header parse."""
+    message = counting(RAW)
+    check = uribl.UriblCheck(uribl.Config())  # the default lists serve From: and body
+    assert [s.target for s in check.subjects(message)][:1] == ["from"]  # order kept
+    assert CountingMessage.parses == 1
+    assert "headers" not in vars(message)
+
+
+_HEADER_LINE = st.one_of(
+    st.builds(
+        lambda n, v: n + b": " + v,
+        st.sampled_from([b"From", b"from", b"Message-ID", b"Authentication-Results", b"X-A"]),
+        st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+    ),
+    st.builds(lambda v: b"\t" + v, st.text(max_size=20).map(lambda t: t.encode())),  # fold
+    st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+)
+
+
+@settings_(max_examples=300, deadline=None)
+@given(st.lists(_HEADER_LINE, min_size=1, max_size=12), st.sampled_from([64, 100_000]))
+def test_header_values_are_the_same_from_either_parse(lines: list[bytes], limit: int) -> None:
+    """Head parse or header-only parse: the same (name, value) pairs, any header block."""
+    raw = b"\r\n".join(lines) + b"\r\n\r\nbody http://x.example/\r\n"
+    message = Message.from_bytes(raw, Envelope())
+    for name in ("From", "Message-ID", "Authentication-Results", "X-A"):
+        fresh = MessageAnalysis(Message.from_bytes(raw, Envelope()), limit)
+        assert fresh.raw_header_values(name) == [
+            str(v) for k, v in message.headers.raw_items() if k.lower() == name.lower()
+        ]
+    after_head = MessageAnalysis(Message.from_bytes(raw, Envelope()), limit)
+    _ = after_head.head_message
+    assert after_head.header_items == [(str(k), str(v)) for k, v in message.headers.raw_items()]

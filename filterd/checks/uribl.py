@@ -86,10 +86,9 @@ class UriblCheck(EngineCheck):
         self._skip = frozenset(d.lower().rstrip(".") for d in config.skip_domains)
 
     def subjects(self, message: Message) -> list[Subject]:
-        subjects: list[Subject] = []
         skip = self._skip
-        if self.config.check_from and self.engine.serves("from"):
-            subjects += [domain_subject("from", d) for d in from_domains(message) if d not in skip]
+        body: list[Subject] = []
+        # The body first: its parse of the head also serves the From: header's values.
         if self.config.check_body and self.engine.serves("body") and self.config.max_uri_lookups:
             try:
                 domains = analysis_of(message).link_domains(skip)
@@ -98,8 +97,11 @@ class UriblCheck(EngineCheck):
                 domains = []
             if len(domains) > self.config.max_uri_lookups:
                 self.engine.count("uri_lookups_capped")
-            subjects += [domain_subject("body", d) for d in domains[: self.config.max_uri_lookups]]
-        return subjects
+            body = [domain_subject("body", d) for d in domains[: self.config.max_uri_lookups]]
+        froms: list[Subject] = []
+        if self.config.check_from and self.engine.serves("from"):
+            froms = [domain_subject("from", d) for d in from_domains(message) if d not in skip]
+        return froms + body
 
     def check_message(self, message: Message, exempt: bool) -> Sequence[Finding]:
         return self.start_message(message, exempt).collect(time.monotonic() + self.config.budget)
