@@ -17,6 +17,7 @@ from filterd.allowlist.entries import Entry, parse_entry, parse_target
 from filterd.allowlist.files import SiteList
 from filterd.allowlist.store import PREFIX, AllowlistStore, LimitError
 from filterd.checks.allowlist import AllowlistCheck, needs_verification
+from filterd.checks.base import Done
 from filterd.types import Effect, Envelope, Finding, Message
 
 pytestmark = pytest.mark.integration
@@ -330,6 +331,26 @@ def test_strict_unexempts_when_any_recipient_is_unverified(strict: AllowlistChec
     # An entry removed between RCPT and end of message no longer exempts.
     strict.store.remove(parse_target("alice@example.org", config), entries("friend@bank.example"))
     assert unexempt(eom(strict, FORGED, **ENV))
+
+
+def test_only_an_exemption_to_verify_leaves_the_connection_thread(
+    strict: AllowlistCheck, redis_url: str, tmp_path: Path
+) -> None:
+    """At end of message the pipeline hands a check to its pool only when it must wait (here:
+    Redis, to verify an exemption); with nothing to verify the answer is known at once."""
+
+    def start(check: AllowlistCheck, exempt: bool, **envelope: Any) -> object:
+        message = Message.from_bytes(OTHER_FROM + b"\r\nbody\r\n", Envelope(**envelope))
+        return check.start_message(message, exempt)
+
+    assert start(strict, True, **ENV) is None  # strict and exempt: verified from the pool
+    for nothing_to_ask in (
+        start(strict, False, **ENV),  # not exempt
+        start(strict, True, **{**ENV, "auth_user": "friend"}),  # SASL verifies
+        start(strict, True, **{**ENV, "recipients": ()}),
+        start(make_check(redis_url, tmp_path, Config(sender_auth="envelope")), True, **ENV),
+    ):
+        assert isinstance(nothing_to_ask, Done) and nothing_to_ask.collect(0.0) == []
 
 
 def test_envelope_mode_trusts_the_envelope(redis_url: str, tmp_path: Path) -> None:

@@ -33,11 +33,12 @@ from filterd.allowlist.config import SECTION, Config
 from filterd.allowlist.files import SiteList
 from filterd.allowlist.match import Match, Probe, authres_verifies, best, entry_matches_address
 from filterd.allowlist.store import AllowlistStore, recipient_pair
+from filterd.checks.base import Done
 from filterd.mail.analysis import analysis_of
 from filterd.types import Effect, Envelope, Finding, Message
 
 if TYPE_CHECKING:
-    from filterd.checks.base import Services
+    from filterd.checks.base import Services, Started
 
 __all__ = ["SECTION", "AllowlistCheck", "Config", "build", "needs_verification"]
 
@@ -117,13 +118,22 @@ class AllowlistCheck:
             )
         ]
 
+    def _verifies(self, envelope: Envelope, exempt: bool) -> bool:
+        """Whether an exemption is left to verify at end of message (rarely)."""
+        if not exempt or self.config.sender_auth != "strict" or not envelope.recipients:
+            return False
+        return not ("auth" in self.config.verify_by and envelope.auth_user)
+
+    def start_message(self, message: Message, exempt: bool) -> Started | None:
+        """Nothing to verify is known at once: no thread hand-off for a message that was not
+        exempted (nearly all); one that was goes to the pool, because verifying asks Redis."""
+        return None if self._verifies(message.envelope, exempt) else Done()
+
     def check_message(self, message: Message, exempt: bool) -> list[Finding]:
         envelope = message.envelope
-        if not exempt or self.config.sender_auth != "strict" or not envelope.recipients:
+        if not self._verifies(envelope, exempt):
             return []
         verify_by = self.config.verify_by
-        if "auth" in verify_by and envelope.auth_user:
-            return []
         probe = _probe(envelope.mail_from, envelope.client_ip)
         per_recipient = self.matches(envelope, envelope.recipients)
         froms, authres = _headers(message)
