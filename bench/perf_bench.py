@@ -32,6 +32,7 @@ The same load alternates between the configurations, round by round:
       gil      -- GIL switch interval 1 ms and 20 ms (default 5), classifier
                   first among the end-of-message checks;
       ablation -- checks added one at a time, from "milter only" to all;
+      rcpt     -- the recipient checks alone, one at a time and together;
   * --profile: py-spy on the daemon during a concurrency-16 run.
 
 Results print as tables and go to --json (default bench/out/perf_bench.json).
@@ -500,7 +501,23 @@ def study_specs(
             targets.append(st.Target(name, name))
         last = "unix (+classifier = all)" if classifier else "unix (all)"
         return daemons, targets, [*[t.name for t in targets], last]
-    raise SystemExit(f"unknown study {study!r} (tcp, gil, ablation, process)")
+    if study == "rcpt":
+        # The RCPT phase alone: each recipient check on its own, then both (records on,
+        # no message checks), to see what each costs the daemon per message.
+        for name, rcpt in (
+            ("records, no checks", []),
+            ("+allowlist", ["allowlist"]),
+            ("+dnsbl", ["dnsbl"]),
+            ("+allowlist,dnsbl", ["allowlist", "dnsbl"]),
+        ):
+            env = (
+                ("FILTERD_PIPELINE_RECIPIENT_CHECKS", json.dumps(rcpt)),
+                ("FILTERD_PIPELINE_MESSAGE_CHECKS", json.dumps([])),
+            )
+            daemons.append(st.DaemonSpec(name, "unix", env=env))
+            targets.append(st.Target(name, name))
+        return daemons, targets, [t.name for t in targets]
+    raise SystemExit(f"unknown study {study!r} (tcp, gil, ablation, process, rcpt)")
 
 
 def run_study(
@@ -759,7 +776,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--study",
         default=None,
-        help="comma-separated studies: tcp, gil, ablation, process, none "
+        help="comma-separated studies: tcp, gil, ablation, process, rcpt, none "
         "(default: all three in the full run, none with --quick)",
     )
     ap.add_argument(
