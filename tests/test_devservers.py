@@ -18,6 +18,7 @@ import dns.resolver
 import pytest
 import redis
 
+from filterd.services.clamd import MEMORY_DIR, scan_temp_dir
 from tests.conftest import HARMLESS_TEST_VIRUS, PostfixFactory, RbldnsdFactory
 from tests.servers import (
     EICAR_SIGNATURE_NAME,
@@ -170,12 +171,43 @@ def test_clamd_on_unix_socket(tmp_path: Path) -> None:
     assert not (tmp_path / "c" / "clamd.sock").exists()
 
 
+def test_clamd_spools_scanned_mail_in_memory_privately_and_leaves_nothing(
+    tmp_path: Path, eicar: bytes
+) -> None:
+    if scan_temp_dir(tmp_path / "c", "50M").parent != MEMORY_DIR:
+        pytest.skip(f"{MEMORY_DIR} lacks the room (a small container /dev/shm)")
+    server = ClamdServer(make_reachable(tmp_path / "c"), project_signature_dir(), unix_socket=True)
+    spool = server.temp_dir
+    assert spool.parent == MEMORY_DIR and spool == scan_temp_dir(tmp_path / "c", "50M")
+    spool.mkdir(mode=0o755, exist_ok=True)
+    (spool / "left-by-a-killed-clamd").write_bytes(b"mail")  # a crash mid-scan
+    with server:
+        assert f"TemporaryDirectory {spool}" in server.config_path.read_text()
+        assert not (spool / "left-by-a-killed-clamd").exists()
+        assert spool.stat().st_mode & 0o777 == 0o700
+        assert instream(server.address, b"x" * 200_000 + eicar).endswith("FOUND")
+        assert instream(server.address, b"clean") == "stream: OK"
+    assert not spool.exists()
+
+
+def test_scan_temp_dir_needs_room_and_is_per_workdir(tmp_path: Path) -> None:
+    memory = tmp_path / "shm"
+    memory.mkdir()
+    one = scan_temp_dir(tmp_path / "a", "50M", memory)
+    assert one.parent == memory and one == scan_temp_dir(tmp_path / "a", "50M", memory)
+    assert scan_temp_dir(tmp_path / "b", "50M", memory) != one
+    # Not room for eight streams of the largest size: the temp directory stays in workdir.
+    assert scan_temp_dir(tmp_path / "a", "999999999M", memory) == tmp_path / "a" / "tmp"
+    assert scan_temp_dir(tmp_path / "a", "50M", tmp_path / "missing") == tmp_path / "a" / "tmp"
+
+
 def test_clamd_start_failure_carries_its_log(tmp_path: Path) -> None:
     empty = make_reachable(tmp_path / "empty-db")
     server = ClamdServer(make_reachable(tmp_path / "c"), empty)
     with pytest.raises(ServerStartError, match=r"(?s)clamd exited.*clamd\.log"):
         server.start()
     assert not server.running
+    assert not server.temp_dir.exists() or server.temp_dir.parent == server.workdir
     server.stop()
 
 
