@@ -137,22 +137,30 @@ def make_observer(client: redis.Redis, path: Path | None = None, **config: Any) 
 
 
 def traffic(observer: RecordsObserver) -> dict[str, list[str]]:
-    """A small day of mail; returns which mailboxes each entry names, in order."""
+    """A small day of mail; returns which mailboxes each entry names, in order.
+
+    Entries are timestamped to the millisecond and exported in time order; a pause between
+    them keeps that order the order written (a fast Redis writes two within a millisecond).
+    """
     observer.on_message(
         message(DAVE, (ALICE, BOB), mid="<ok1@example.net>"), Decision(Action.ACCEPT, None, "OK")
     )
+    time.sleep(0.002)
     observer.on_message(
         message(DAVE, ("Alice+news@Example.org",), mid="<v1@example.net>"),
         Decision(Action.REJECT, VIRUS, "CLAMAV_VIRUS"),
     )
+    time.sleep(0.002)
     observer.on_recipient(
         Envelope(client_ip=OTHER_IP, mail_from="spam@bad.example", queue_id=None),
         RecipientDecision(CAROL, Action.REJECT, LISTED, False, (), "DNSBL_ZEN_SBL"),
     )
+    time.sleep(0.002)
     observer.on_recipient(
         Envelope(client_ip=CLIENT_IP, mail_from=DAVE),
         RecipientDecision(BOB, Action.ACCEPT, None, False, (), "OK"),
     )
+    time.sleep(0.002)
     observer.on_message(
         message(BOB, (CAROL,), mid="<t1@example.org>"),
         Decision(Action.TEMPFAIL, TEMP, "CLAMAV_FAIL"),
