@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import os
+import signal
 import socket
 import struct
 import time
@@ -18,7 +20,7 @@ import dns.resolver
 import pytest
 import redis
 
-from filterd.services.clamd import MEMORY_DIR, scan_temp_dir
+from filterd.services.clamd import MEMORY_DIR, _remove_own_dir, memory_root
 from tests.conftest import HARMLESS_TEST_VIRUS, PostfixFactory, RbldnsdFactory
 from tests.servers import (
     EICAR_SIGNATURE_NAME,
@@ -174,31 +176,50 @@ def test_clamd_on_unix_socket(tmp_path: Path) -> None:
 def test_clamd_spools_scanned_mail_in_memory_privately_and_leaves_nothing(
     tmp_path: Path, eicar: bytes
 ) -> None:
-    if scan_temp_dir(tmp_path / "c", "50M").parent != MEMORY_DIR:
+    if memory_root("50M") is None:
         pytest.skip(f"{MEMORY_DIR} lacks the room (a small container /dev/shm)")
-    server = ClamdServer(make_reachable(tmp_path / "c"), project_signature_dir(), unix_socket=True)
-    spool = server.temp_dir
-    assert spool.parent == MEMORY_DIR and spool == scan_temp_dir(tmp_path / "c", "50M")
-    spool.mkdir(mode=0o755, exist_ok=True)
-    (spool / "left-by-a-killed-clamd").write_bytes(b"mail")  # a crash mid-scan
-    with server:
+    workdir = make_reachable(tmp_path / "c")
+    with ClamdServer(workdir, project_signature_dir(), unix_socket=True) as server:
+        spool = server.temp_dir
+        assert spool.parent == MEMORY_DIR
+        info = spool.lstat()
+        assert info.st_mode & 0o777 == 0o700 and info.st_uid == os.getuid()
         assert f"TemporaryDirectory {spool}" in server.config_path.read_text()
-        assert not (spool / "left-by-a-killed-clamd").exists()
-        assert spool.stat().st_mode & 0o777 == 0o700
         assert instream(server.address, b"x" * 200_000 + eicar).endswith("FOUND")
         assert instream(server.address, b"clean") == "stream: OK"
-    assert not spool.exists()
+        # A clamd killed mid-scan leaves mail behind; the next start removes it.
+        (spool / "left-by-a-killed-clamd").write_bytes(b"mail")
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while server.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.start()
+        assert not spool.exists() and server.temp_dir.is_dir() and server.temp_dir != spool
+        again = server.temp_dir
+    assert not again.exists() and not (workdir / "spool-dir").exists()
 
 
-def test_scan_temp_dir_needs_room_and_is_per_workdir(tmp_path: Path) -> None:
-    memory = tmp_path / "shm"
-    memory.mkdir()
-    one = scan_temp_dir(tmp_path / "a", "50M", memory)
-    assert one.parent == memory and one == scan_temp_dir(tmp_path / "a", "50M", memory)
-    assert scan_temp_dir(tmp_path / "b", "50M", memory) != one
+def test_memory_root_needs_room(tmp_path: Path) -> None:
+    assert memory_root("50M", tmp_path) == tmp_path
     # Not room for eight streams of the largest size: the temp directory stays in workdir.
-    assert scan_temp_dir(tmp_path / "a", "999999999M", memory) == tmp_path / "a" / "tmp"
-    assert scan_temp_dir(tmp_path / "a", "50M", tmp_path / "missing") == tmp_path / "a" / "tmp"
+    assert memory_root("999999999M", tmp_path) is None
+    assert memory_root("50M", tmp_path / "missing") is None
+
+
+def test_a_planted_symlink_or_foreign_directory_is_never_removed(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep").write_text("x")
+    link = tmp_path / "filterd-clamd-planted"
+    link.symlink_to(target)
+    _remove_own_dir(link)
+    assert (target / "keep").exists() and link.is_symlink()
+    own = tmp_path / "filterd-clamd-own"
+    own.mkdir()
+    (own / "left").write_text("mail")
+    _remove_own_dir(own)
+    assert not own.exists()
 
 
 def test_clamd_start_failure_carries_its_log(tmp_path: Path) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
+import stat
+import tempfile
 from pathlib import Path
 from typing import Self
 
@@ -33,15 +34,18 @@ def project_signature_dir() -> Path:
 
 
 #: Where clamd's temp files go when there is room: clamd writes every INSTREAM to a temp
-#: file before scanning it, and on a disk file system that file costs a create, a journal
-#: write and an unlink per message. In memory a 10 KB message's scan costs clamd 0.12 ms of
-#: CPU instead of 0.21 (measured on this machine, ext4 against tmpfs), and scanned mail
-#: never reaches a disk, where a crash mid-scan would leave it.
+#: file before scanning it. Serially, a 10 KB message's scan cost clamd 0.21 ms of CPU with
+#: the file on ext4 and 0.12 ms in memory (at concurrency 16 in bench/perf_bench.py the
+#: difference did not show), and in memory scanned mail never reaches a disk, where a crash
+#: mid-scan would leave it.
 MEMORY_DIR = Path("/dev/shm")
 # Room the memory file system must have, free, for clamd's temp files to go there: a few
 # streams of the largest size scanned at once (else a container's 64 MB /dev/shm would fail
 # big scans with 451s); below it the temp directory stays in workdir.
 MEMORY_STREAMS = 8
+# In workdir: the path of the directory in memory this clamd spools into, so that the next
+# start removes what a killed clamd left there.
+SPOOL_RECORD = "spool-dir"
 
 
 def _size_bytes(text: str) -> int:
@@ -51,29 +55,36 @@ def _size_bytes(text: str) -> int:
     return int(text.rstrip("KM")) * scale
 
 
-def scan_temp_dir(workdir: Path, stream_max_length: str, memory: Path = MEMORY_DIR) -> Path:
-    """Where clamd spools the streams it scans: in memory when ``memory`` has the room.
-
-    The name is derived from ``workdir``, so each clamd has its own and a restart after a
-    crash finds (and empties) the one it left.
-    """
+def memory_root(stream_max_length: str, memory: Path = MEMORY_DIR) -> Path | None:
+    """``memory`` when it has room for clamd's temp files (see MEMORY_STREAMS), else None."""
     try:
         st = os.statvfs(memory)
         room = st.f_bavail * st.f_frsize
         wanted = MEMORY_STREAMS * _size_bytes(stream_max_length)
     except (OSError, ValueError):
-        return workdir / "tmp"
+        return None
     if room < wanted or not os.access(memory, os.W_OK | os.X_OK):
-        return workdir / "tmp"
-    tag = hashlib.sha256(str(workdir).encode()).hexdigest()[:16]
-    return memory / f"filterd-clamd-{os.getuid()}-{tag}"
+        return None
+    return memory
+
+
+def _remove_own_dir(path: Path) -> None:
+    """Remove ``path`` if it is a directory of ours: never a symlink or another user's
+    directory, which anyone can plant in a world-writable /dev/shm."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class ClamdServer(_PortOrSocketServer):
     """A private clamd with its own config, database directory and temp directory.
 
-    The temp directory is private (0700) and lives in memory when there is room
-    (:func:`scan_temp_dir`), else in workdir: scanned mail never lands in a shared /tmp.
+    The temp directory is private (0700) and lives in memory when there is room (a fresh
+    ``mkdtemp`` in :data:`MEMORY_DIR` at each start), else in workdir: scanned mail never
+    lands in a shared /tmp.
     ``restart()`` keeps the address because tests stop clamd mid-run and expect the
     daemon's configured ClamdSocket to work again once it is back.
     """
@@ -102,7 +113,8 @@ class ClamdServer(_PortOrSocketServer):
         self._port = 0 if unix_socket else free_port()
         self.config_path = self.workdir / "clamd.conf"
         self._logfile = self.workdir / "clamd.log"
-        self._tmpdir = scan_temp_dir(self.workdir, stream_max_length)
+        self._memory = memory_root(stream_max_length)
+        self._tmpdir = self.workdir / "tmp"  # until a start puts it in memory
 
     @property
     def address(self) -> str:
@@ -154,11 +166,14 @@ class ClamdServer(_PortOrSocketServer):
     def _prepare(self) -> None:
         if not self.database_dir.is_dir():
             raise ServerStartError(f"clamd: database directory {self.database_dir} missing")
-        if self._tmpdir.parent != self.workdir:
-            # In memory: whatever a killed clamd left mid-scan goes now.
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-        self._tmpdir.mkdir(mode=0o700, exist_ok=True)
-        self._tmpdir.chmod(0o700)
+        self._drop_memory_dir()  # and whatever a killed clamd left mid-scan
+        if self._memory is not None:
+            # mkdtemp: a fresh name, created 0700 by us, so nothing planted can be reused.
+            self._tmpdir = Path(tempfile.mkdtemp(prefix="filterd-clamd-", dir=self._memory))
+            (self.workdir / SPOOL_RECORD).write_text(f"{self._tmpdir}\n")
+        else:
+            self._tmpdir = self.workdir / "tmp"
+            self._tmpdir.mkdir(mode=0o700, exist_ok=True)
         if self.socket_path is not None:
             _check_unix_path(self.socket_path)
             self.socket_path.unlink(missing_ok=True)
@@ -179,9 +194,15 @@ class ClamdServer(_PortOrSocketServer):
         self._drop_memory_dir()
 
     def _drop_memory_dir(self) -> None:
-        """Also after a start that failed (no process left to stop): the directory is ours."""
-        if self._tmpdir.parent != self.workdir:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
+        """The directory in memory this clamd spooled into, if any (also after a failed start)."""
+        record = self.workdir / SPOOL_RECORD
+        try:
+            path = Path(record.read_text().strip())
+        except OSError:
+            return
+        if path.parent == self._memory or path.parent == MEMORY_DIR:
+            _remove_own_dir(path)
+        record.unlink(missing_ok=True)
 
     @property
     def temp_dir(self) -> Path:
