@@ -219,11 +219,6 @@ class Message:
             return None
         return None if value is None else str(value)
 
-    @cached_property
-    def message_id(self) -> str | None:
-        value = self.header("Message-ID")
-        return value.strip() if value else None
-
 
 def _parse(raw: bytes) -> EmailMessage:
     """The stdlib parser never raises on bad input; it records defects."""

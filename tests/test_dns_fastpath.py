@@ -38,7 +38,7 @@ from filterd.dns.resolver import (
     reverse_ip,
     wire_name,
 )
-from tests.servers import RbldnsdServer
+from tests.servers import LoopbackUdp, RbldnsdServer
 
 SOA = "$SOA 600 ns.test. hostmaster.test. 1 600 600 600 45\n"
 ZONES = [
@@ -405,38 +405,7 @@ def test_wire_names_are_dnspythons_and_refuse_what_it_refuses(text: str) -> None
     assert got == expected
 
 
-class _LoopbackUdp:
-    """A UDP server on loopback whose thread hands each query to ``answer``."""
-
-    def __init__(self, upstream: int) -> None:
-        self.upstream = upstream
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.1)
-        self.port = self.sock.getsockname()[1]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, client = self.sock.recvfrom(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.answer(dns.message.from_wire(data), client)
-
-    def answer(self, query: dns.message.Message, client: tuple[str, int]) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
-
-
-class HostileDns(_LoopbackUdp):
+class HostileDns(LoopbackUdp):
     """UDP on loopback: before each real rbldnsd answer, hostile packets for the same query.
 
     Each query gets: random bytes, the real answer with a wrong id, the answer to
@@ -534,7 +503,7 @@ def test_ipv4_fast_paths_read_addresses_as_ipaddress_does(address: str) -> None:
     assert _is_private(address) == _private_by_ipaddress(address)
 
 
-class ScriptedDns(_LoopbackUdp):
+class ScriptedDns(LoopbackUdp):
     """UDP on loopback that records each query (source port, id, name) and answers
     through rbldnsd; with ``late``, it holds the first query's answer (rewritten
     to say 127.0.0.99) until the retry has come, then sends it before the retry's

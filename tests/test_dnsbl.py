@@ -8,7 +8,6 @@ rbldnsd but drops the queries of chosen zones: one dead list next to live ones.
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ from filterd.dns.engine import Engine
 from filterd.dns.resolver import DnsblResolver, reverse_ip
 from filterd.settings import PolicyConfig
 from filterd.types import Action, Effect, Envelope, Finding, Message
-from tests.servers import RbldnsdServer, SilentUdpServer
+from tests.servers import LoopbackUdp, RbldnsdServer, SilentUdpServer
 
 pytestmark = pytest.mark.integration
 
@@ -109,47 +108,34 @@ def env(ip: str = "198.51.100.1", **kw: Any) -> Envelope:
     return Envelope(client_ip=ip, **kw)
 
 
-class ZoneDroppingProxy:
+class ZoneDroppingProxy(LoopbackUdp):
     """UDP forwarder to rbldnsd that silently drops queries under ``dead`` zones."""
 
     def __init__(self, upstream_port: int, dead: set[str]) -> None:
-        self.upstream = ("127.0.0.1", upstream_port)
+        super().__init__(upstream_port)
         self.dead = dead
         self.dropped = 0
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.1)
-        self.nameserver = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(8)
-        self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, client = self.sock.recvfrom(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            qname = str(dns.message.from_wire(data).question[0].name).rstrip(".")
-            if any(qname.endswith("." + zone) for zone in self.dead):
-                self.dropped += 1
-                continue
-            self._pool.submit(self._forward, data, client)
+    def handle(self, data: bytes, client: tuple[str, int]) -> None:
+        qname = str(dns.message.from_wire(data).question[0].name).rstrip(".")
+        if any(qname.endswith("." + zone) for zone in self.dead):
+            self.dropped += 1
+            return
+        self._pool.submit(self._forward, data, client)
 
     def _forward(self, data: bytes, client: tuple[str, int]) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
             up.settimeout(2)
-            up.sendto(data, self.upstream)
+            up.sendto(data, ("127.0.0.1", self.upstream))
             reply = up.recv(4096)
         self.sock.sendto(reply, client)
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2)
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)  # forwards in flight answer before the socket closes
         self.sock.close()
 
 

@@ -84,12 +84,10 @@ def reply_code(reply: SmtpReply | None) -> str | None:
 
 def message_id(message: Message) -> str | None:
     """The Message-ID, read from the header block only (never parses the body)."""
-    cached = vars(message).get("message_id")
-    if cached is None:
-        # From the message's one header parse (filterd.mail.analysis), as written.
-        values = analysis_of(message).raw_header_values("Message-ID")
-        cached = values[0].strip() if values else None
-    return cached if cached and _MID.match(cached) else None
+    # From the message's one header parse (filterd.mail.analysis), as written.
+    values = analysis_of(message).raw_header_values("Message-ID")
+    mid = values[0].strip() if values else None
+    return mid if mid and _MID.match(mid) else None
 
 
 _day: tuple[float, float, str] = (0.0, 0.0, "")

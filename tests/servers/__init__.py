@@ -50,7 +50,7 @@ from filterd.services.launcher import (
 from filterd.services.redis import RedisServer
 from tests.servers.config import dbl_uribl, toml_value, write_config, zen_dnsbl
 from tests.servers.postfix import PostfixServer
-from tests.servers.rbldnsd import DnsQuery, RbldnsdServer, SilentUdpServer
+from tests.servers.rbldnsd import DnsQuery, LoopbackUdp, RbldnsdServer, SilentUdpServer
 from tests.servers.smtp import SinkMessage, SmtpReply, SmtpResult, SmtpSink, send_mail
 
 # Names clamd reports for the project's own database (rules/clamav-sigs/filterd-test.ndb):
@@ -64,6 +64,7 @@ __all__ = [
     "TEST_VIRUS_SIGNATURE_NAME",
     "ClamdServer",
     "DnsQuery",
+    "LoopbackUdp",
     "PostfixServer",
     "RbldnsdServer",
     "RedisServer",

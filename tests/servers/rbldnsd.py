@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple, Self
@@ -206,3 +207,40 @@ class SilentUdpServer(_Stoppable):
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+
+
+class LoopbackUdp:
+    """A scriptable DNS server on 127.0.0.1 for tests: its thread hands each datagram to
+    ``handle`` (by default: parsed, to ``answer``). ``upstream`` is the port of a real
+    server (rbldnsd) a subclass may ask or forward to. Subclasses start ``_thread``."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((LOOPBACK, 0))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.nameserver = f"{LOOPBACK}:{self.port}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, client = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.handle(data, client)
+
+    def handle(self, data: bytes, client: tuple[str, int]) -> None:
+        self.answer(dns.message.from_wire(data), client)
+
+    def answer(self, query: dns.message.Message, client: tuple[str, int]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
